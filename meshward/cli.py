@@ -1,0 +1,579 @@
+"""The ``meshward`` command line: servers, and admin commands over the admin socket."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
+
+from identity.errors import IdentityError
+from identity.keys import KeyType, generate_key, signature_hash, write_private_key
+from meshward.admin_client import AdminClient, AdminError
+from meshward.config import Config, ConfigError, load_config
+from meshward.durations import format_duration, parse_duration
+
+__all__ = ["main"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+UP_TRUST_DOMAIN = "example.org"  # the embedded default of `meshward up`
+
+
+class DurationType(click.ParamType):  # type: ignore[type-arg]
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+DURATION = DurationType()
+
+
+def common(func: F) -> F:
+    """Options every command takes: where the config and the data dir are, and output form."""
+    options = [
+        click.option(
+            "--config",
+            "config_path",
+            type=click.Path(path_type=Path, dir_okay=False),
+            envvar="MESHWARD_CONFIG",
+            help="YAML config file (env MESHWARD_CONFIG).",
+        ),
+        click.option(
+            "--data-dir",
+            type=click.Path(path_type=Path, file_okay=False),
+            help="Data directory (default ./.meshward, env MESHWARD_DATA_DIR).",
+        ),
+        click.option(
+            "--output",
+            type=click.Choice(["text", "json"]),
+            default="text",
+            envvar="MESHWARD_OUTPUT",
+            show_default=True,
+            help="Output format.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def server_options(func: F) -> F:
+    options = [
+        click.option("--trust-domain", help="Trust domain (env MESHWARD_TRUST_DOMAIN)."),
+        click.option("--database-url", help="SQLAlchemy URL (default SQLite in the data dir)."),
+        click.option(
+            "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def handle_errors(func: F) -> F:
+    """Turn every expected failure into one line on stderr and exit code 1; never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (AdminError, ConfigError, IdentityError) as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _config(config_path: Path | None, **flags: Any) -> Config:
+    return load_config(config_path, flags=flags)
+
+
+def _client(config_path: Path | None, data_dir: Path | None) -> AdminClient:
+    return AdminClient(_config(config_path, data_dir=data_dir).admin_socket)
+
+
+def _emit(output: str, data: Any, text: Callable[[Any], str]) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True) if output == "json" else text(data))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def cli() -> None:
+    """meshward: SPIFFE identities and Envoy authorization for a service mesh."""
+
+
+# -- servers ---------------------------------------------------------------------------
+
+
+def _run_server(config: Config) -> None:
+    from meshward.runtime import build_identity_server, serve
+
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    server = build_identity_server(config)
+    asyncio.run(serve(server))
+
+
+@cli.command()
+@common
+@server_options
+@handle_errors
+def server(
+    config_path: Path | None,
+    data_dir: Path | None,
+    output: str,
+    trust_domain: str | None,
+    database_url: str | None,
+    log_level: str | None,
+) -> None:
+    """Run the CA, registry and admin API."""
+    _run_server(
+        _config(
+            config_path,
+            data_dir=data_dir,
+            trust_domain=trust_domain,
+            database_url=database_url,
+            log_level=log_level,
+        )
+    )
+
+
+@cli.command()
+@common
+@server_options
+@handle_errors
+def up(
+    config_path: Path | None,
+    data_dir: Path | None,
+    output: str,
+    trust_domain: str | None,
+    database_url: str | None,
+    log_level: str | None,
+) -> None:
+    """Run everything in one process (SQLite in the data dir; trust domain example.org unless set)."""
+    config = _config(
+        config_path,
+        data_dir=data_dir,
+        trust_domain=trust_domain,
+        database_url=database_url,
+        log_level=log_level,
+    )
+    if config.trust_domain is None:
+        config = config.model_copy(update={"trust_domain": UP_TRUST_DOMAIN})
+    _run_server(config)
+
+
+# -- entries ---------------------------------------------------------------------------
+
+
+@cli.group()
+def entry() -> None:
+    """Registration entries: which SPIFFE ID a workload with given selectors gets."""
+
+
+def _entry_text(e: dict[str, Any]) -> str:
+    rows = [
+        ("Entry ID", e["id"]),
+        ("SPIFFE ID", e["spiffe_id"]),
+        ("Parent ID", e["parent_id"]),
+        *[("Selector", s) for s in e["selectors"]],
+        ("X509-SVID TTL", _ttl_text(e["x509_svid_ttl"])),
+        ("JWT-SVID TTL", _ttl_text(e["jwt_svid_ttl"])),
+        *[("DNS name", d) for d in e["dns_names"]],
+        ("Hint", e["hint"] or "-"),
+        ("Admin", "yes" if e["admin"] else "no"),
+        ("Expires at", e["expires_at"] or "never"),
+        ("Revision", str(e["revision"])),
+    ]
+    return "\n".join(f"{k:<15}: {v}" for k, v in rows)
+
+
+def _ttl_text(seconds: int | None) -> str:
+    if seconds is None:
+        return "default"
+    return format_duration(parse_duration(seconds))
+
+
+def _entry_body(
+    *,
+    spiffe_id: str | None,
+    parent_id: str | None,
+    selectors: tuple[str, ...],
+    x509_svid_ttl: Any,
+    jwt_svid_ttl: Any,
+    dns_names: tuple[str, ...],
+    hint: str | None,
+    admin: bool | None,
+    expires_at: datetime | None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "spiffe_id": spiffe_id,
+        "parent_id": parent_id,
+        "selectors": list(selectors) or None,
+        "x509_svid_ttl": int(x509_svid_ttl.total_seconds()) if x509_svid_ttl else None,
+        "jwt_svid_ttl": int(jwt_svid_ttl.total_seconds()) if jwt_svid_ttl else None,
+        "dns_names": list(dns_names) or None,
+        "hint": hint,
+        "admin": admin,
+        "expires_at": expires_at.isoformat() if expires_at else None,
+    }
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def entry_options(*, create: bool) -> Callable[[F], F]:
+    def decorate(func: F) -> F:
+        options = [
+            click.option("--spiffe-id", required=create, help="SPIFFE ID the workload gets."),
+            click.option("--parent-id", help="SPIFFE ID of the agent (node) the workload runs on."),
+            click.option(
+                "--selector",
+                "selectors",
+                multiple=True,
+                required=create,
+                help="type:key:value, e.g. unix:uid:1000 (repeat; all must match).",
+            ),
+            click.option("--x509-svid-ttl", type=DURATION, help="e.g. 30m"),
+            click.option("--jwt-svid-ttl", type=DURATION, help="e.g. 5m"),
+            click.option("--dns", "dns_names", multiple=True, help="DNS SAN (repeat)."),
+            click.option("--hint", help="Hint passed to workloads to pick between SVIDs."),
+            click.option("--admin/--no-admin", default=None, help="Entry may use the admin API."),
+            click.option(
+                "--expires-at",
+                type=click.DateTime(["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%d"]),
+                help="When the entry stops applying, e.g. 2027-01-01T00:00:00Z.",
+            ),
+        ]
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+@entry.command("create")
+@common
+@entry_options(create=True)
+@handle_errors
+def entry_create(
+    config_path: Path | None, data_dir: Path | None, output: str, **fields: Any
+) -> None:
+    """Create a registration entry."""
+    fields["expires_at"] = _aware(fields["expires_at"])
+    with _client(config_path, data_dir) as client:
+        created = client.json("POST", "/v1/entries", json=_entry_body(**fields))
+    _emit(output, created, _entry_text)
+
+
+@entry.command("update")
+@common
+@click.argument("entry_id")
+@entry_options(create=False)
+@handle_errors
+def entry_update(
+    config_path: Path | None, data_dir: Path | None, output: str, entry_id: str, **fields: Any
+) -> None:
+    """Change fields of an entry (given selectors or DNS names replace the old ones)."""
+    fields["expires_at"] = _aware(fields["expires_at"])
+    with _client(config_path, data_dir) as client:
+        updated = client.json("PATCH", f"/v1/entries/{entry_id}", json=_entry_body(**fields))
+    _emit(output, updated, _entry_text)
+
+
+@entry.command("show")
+@common
+@click.argument("entry_id")
+@handle_errors
+def entry_show(config_path: Path | None, data_dir: Path | None, output: str, entry_id: str) -> None:
+    """Show one entry."""
+    with _client(config_path, data_dir) as client:
+        _emit(output, client.json("GET", f"/v1/entries/{entry_id}"), _entry_text)
+
+
+@entry.command("list")
+@common
+@click.option("--spiffe-id")
+@click.option("--parent-id")
+@click.option("--selector", help="Only entries with this selector.")
+@handle_errors
+def entry_list(
+    config_path: Path | None,
+    data_dir: Path | None,
+    output: str,
+    spiffe_id: str | None,
+    parent_id: str | None,
+    selector: str | None,
+) -> None:
+    """List entries."""
+    params = {
+        k: v
+        for k, v in (("spiffe_id", spiffe_id), ("parent_id", parent_id), ("selector", selector))
+        if v
+    }
+    with _client(config_path, data_dir) as client:
+        entries = client.json("GET", "/v1/entries", params=params)
+
+    def text(items: list[dict[str, Any]]) -> str:
+        if not items:
+            return "no entries"
+        return "\n\n".join(_entry_text(e) for e in items) + f"\n\n{len(items)} entries"
+
+    _emit(output, entries, text)
+
+
+@entry.command("delete")
+@common
+@click.argument("entry_id")
+@handle_errors
+def entry_delete(
+    config_path: Path | None, data_dir: Path | None, output: str, entry_id: str
+) -> None:
+    """Delete an entry."""
+    with _client(config_path, data_dir) as client:
+        deleted = client.json("DELETE", f"/v1/entries/{entry_id}")
+    _emit(output, deleted, lambda e: f"deleted entry {e['id']} ({e['spiffe_id']})")
+
+
+# -- join tokens -----------------------------------------------------------------------
+
+
+@cli.group()
+def token() -> None:
+    """Join tokens for agent attestation."""
+
+
+@token.command("generate")
+@common
+@click.option(
+    "--ttl", type=DURATION, default="10m", show_default=True, help="How long the token is valid."
+)
+@handle_errors
+def token_generate(config_path: Path | None, data_dir: Path | None, output: str, ttl: Any) -> None:
+    """Generate a single-use join token (shown once)."""
+    with _client(config_path, data_dir) as client:
+        issued = client.json("POST", "/v1/join-tokens", json={"ttl": int(ttl.total_seconds())})
+    _emit(output, issued, lambda t: f"Token: {t['token']}\nExpires at: {t['expires_at']}")
+
+
+# -- minting ---------------------------------------------------------------------------
+
+
+@cli.group()
+def svid() -> None:
+    """X509-SVIDs."""
+
+
+@svid.command("mint")
+@common
+@click.option("--spiffe-id", required=True)
+@click.option("--ttl", type=DURATION, help="Lifetime (default: the server's X509-SVID TTL).")
+@click.option("--dns", "dns_names", multiple=True, help="DNS SAN (repeat).")
+@click.option(
+    "--key-type",
+    type=click.Choice([k.value for k in KeyType]),
+    default=KeyType.EC_P256.value,
+    show_default=True,
+)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), required=True)
+@handle_errors
+def svid_mint(
+    config_path: Path | None,
+    data_dir: Path | None,
+    output: str,
+    spiffe_id: str,
+    ttl: Any,
+    dns_names: tuple[str, ...],
+    key_type: str,
+    out_dir: Path,
+) -> None:
+    """Mint an X509-SVID: the key is made here and never sent; the server signs a CSR.
+
+    Writes svid.pem (leaf first, then intermediates), key.pem (0600) and bundle.pem.
+    """
+    key = generate_key(KeyType(key_type))
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshward")]))
+        .sign(key, signature_hash(key))
+    )
+    body: dict[str, Any] = {
+        "spiffe_id": spiffe_id,
+        "csr": csr.public_bytes(serialization.Encoding.PEM).decode(),
+        "dns_names": list(dns_names),
+    }
+    if ttl is not None:
+        body["ttl"] = int(ttl.total_seconds())
+    with _client(config_path, data_dir) as client:
+        minted = client.json("POST", "/v1/svids/x509", json=body)
+    out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_private_key(out_dir / "key.pem", key)
+    (out_dir / "svid.pem").write_text(minted["svid_pem"])
+    (out_dir / "bundle.pem").write_text(minted["bundle_pem"])
+    chain = x509.load_pem_x509_certificates(minted["svid_pem"].encode())
+    summary = {
+        "spiffe_id": minted["spiffe_id"],
+        "serial": minted["serial"],
+        "expires_at": minted["expires_at"],
+        "capped": minted["capped"],
+        "files": {n: str(out_dir / n) for n in ("svid.pem", "key.pem", "bundle.pem")},
+        "chain": [_cert_summary(c) for c in chain],
+    }
+    _emit(output, summary, _svid_text)
+
+
+def _cert_summary(cert: x509.Certificate) -> dict[str, Any]:
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+        dns = sans.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        uris, dns = [], []
+    return {
+        "subject": cert.subject.rfc4514_string(),
+        "issuer": cert.issuer.rfc4514_string(),
+        "uri_sans": uris,
+        "dns_sans": dns,
+        "serial": f"{cert.serial_number:x}",
+        "not_before": cert.not_valid_before_utc.isoformat(),
+        "not_after": cert.not_valid_after_utc.isoformat(),
+        "sha256": cert.fingerprint(hashes.SHA256()).hex(),
+    }
+
+
+def _svid_text(s: dict[str, Any]) -> str:
+    leaf = s["chain"][0]
+    lines = [
+        f"SPIFFE ID : {s['spiffe_id']}",
+        f"Subject   : {leaf['subject']}",
+        f"Serial    : {s['serial']}",
+        f"Expires at: {s['expires_at']}" + ("  (capped at the CA's expiry)" if s["capped"] else ""),
+    ]
+    if leaf["dns_sans"]:
+        lines.append(f"DNS names : {', '.join(leaf['dns_sans'])}")
+    lines.append("Chain     :")
+    for i, cert in enumerate(s["chain"]):
+        lines.append(
+            f"  [{i}] {cert['subject']}  (issuer {cert['issuer']}, until {cert['not_after']})"
+        )
+    lines.append("Files     : " + ", ".join(s["files"].values()))
+    return "\n".join(lines)
+
+
+@cli.group("jwt")
+def jwt_group() -> None:
+    """JWT-SVIDs."""
+
+
+@jwt_group.command("mint")
+@common
+@click.option("--spiffe-id", required=True)
+@click.option("--audience", "audience", multiple=True, required=True, help="aud claim (repeat).")
+@click.option("--ttl", type=DURATION, help="Lifetime (default: the server's JWT-SVID TTL).")
+@handle_errors
+def jwt_mint(
+    config_path: Path | None,
+    data_dir: Path | None,
+    output: str,
+    spiffe_id: str,
+    audience: tuple[str, ...],
+    ttl: Any,
+) -> None:
+    """Mint a JWT-SVID; text output is the token alone, ready for a shell variable."""
+    body: dict[str, Any] = {"spiffe_id": spiffe_id, "audience": list(audience)}
+    if ttl is not None:
+        body["ttl"] = int(ttl.total_seconds())
+    with _client(config_path, data_dir) as client:
+        minted = client.json("POST", "/v1/svids/jwt", json=body)
+    _emit(output, minted, lambda m: m["token"])
+
+
+# -- bundle and CA ---------------------------------------------------------------------
+
+
+@cli.group()
+def bundle() -> None:
+    """The trust bundle."""
+
+
+@bundle.command("show")
+@common
+@click.option(
+    "--format", "fmt", type=click.Choice(["pem", "jwks"]), default="pem", show_default=True
+)
+@handle_errors
+def bundle_show(config_path: Path | None, data_dir: Path | None, output: str, fmt: str) -> None:
+    """Print the X.509 roots (PEM) or the SPIFFE bundle (JWKS)."""
+    with _client(config_path, data_dir) as client:
+        response = client.request("GET", "/v1/bundle", params={"format": fmt})
+    if fmt == "pem" and output == "json":
+        click.echo(json.dumps({"pem": response.text}))
+    elif fmt == "pem":
+        click.echo(response.text, nl=False)
+    else:
+        click.echo(json.dumps(response.json(), indent=2))
+
+
+@cli.group()
+def ca() -> None:
+    """The certificate authority."""
+
+
+def _ca_text(c: dict[str, Any]) -> str:
+    lines = [
+        f"Trust domain   : {c['trust_domain']}",
+        f"Upstream       : {'disk' if c['upstream'] else 'none (self-signed)'}",
+        f"Bundle sequence: {c['bundle_sequence']}",
+    ]
+    for slot in c["slots"]:
+        lines += [
+            "",
+            f"CA {slot['id']}  [{slot['state'].upper()}]"
+            + ("" if slot["can_sign"] else "  (key lost)"),
+            f"  subject    : {slot['subject']}",
+            f"  key type   : {slot['key_type']}",
+            f"  valid      : {slot['not_before']} .. {slot['not_after']}",
+            f"  prepare at : {slot['prepare_at']}",
+            f"  activate at: {slot['activate_at']}",
+            f"  JWT key ID : {slot['jwt_key_id']}",
+        ]
+    return "\n".join(lines)
+
+
+@ca.command("show")
+@common
+@handle_errors
+def ca_show(config_path: Path | None, data_dir: Path | None, output: str) -> None:
+    """Show the CA slots (PREPARED / ACTIVE / OLD) and their schedule."""
+    with _client(config_path, data_dir) as client:
+        _emit(output, client.json("GET", "/v1/ca"), _ca_text)
+
+
+@ca.command("rotate")
+@common
+@handle_errors
+def ca_rotate(config_path: Path | None, data_dir: Path | None, output: str) -> None:
+    """Prepare and activate a new CA now (the old one stays in the bundle until it expires)."""
+    with _client(config_path, data_dir) as client:
+        result = client.json("POST", "/v1/ca/rotate")
+    _emit(output, result, lambda r: "\n".join(r["events"]) + "\n\n" + _ca_text(r["ca"]))
+
+
+def main() -> None:
+    cli(prog_name="meshward")

@@ -1,0 +1,208 @@
+"""Configuration: one YAML file, then ``MESHWARD_*`` environment overrides, then CLI flags.
+
+Validated with pydantic; unknown keys and bad values are errors that name the key and
+where it came from (file, environment variable or flag).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from identity.entries import JWT_TTL_RANGE, X509_TTL_RANGE
+from identity.errors import IdentityError
+from identity.keys import KeyType
+from identity.spiffeid import parse_trust_domain
+from meshward.durations import parse_duration
+
+__all__ = ["DEFAULT_DATA_DIR", "ENV_PREFIX", "Config", "ConfigError", "load_config"]
+
+ENV_PREFIX = "MESHWARD_"
+DEFAULT_DATA_DIR = Path(".meshward")
+# Variables read by the CLI itself rather than mapped onto config keys.
+_ENV_NOT_CONFIG = frozenset({"MESHWARD_CONFIG", "MESHWARD_OUTPUT"})
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded as what to fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class UpstreamConfig(_Section):
+    cert_file: Path
+    key_file: Path
+    bundle_file: Path | None = None
+
+
+class CAConfig(_Section):
+    key_type: KeyType = KeyType.EC_P256
+    jwt_key_type: KeyType = KeyType.EC_P256
+    ttl: Duration = timedelta(hours=24)
+    bundle_grace: Duration = timedelta(hours=1)
+    upstream: UpstreamConfig | None = None
+
+    @field_validator("ttl")
+    @classmethod
+    def _ttl(cls, value: timedelta) -> timedelta:
+        if value < timedelta(minutes=1):
+            raise ValueError("the CA lifetime must be at least 1m")
+        return value
+
+
+class SvidConfig(_Section):
+    x509_ttl: Duration = timedelta(hours=1)
+    jwt_ttl: Duration = timedelta(minutes=5)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> SvidConfig:
+        for name, value, (low, high) in (
+            ("x509_ttl", self.x509_ttl, X509_TTL_RANGE),
+            ("jwt_ttl", self.jwt_ttl, JWT_TTL_RANGE),
+        ):
+            if not low <= value <= high:
+                raise ValueError(
+                    f"{name} must be between {int(low.total_seconds())}s and "
+                    f"{int(high.total_seconds())}s"
+                )
+        return self
+
+
+class ServerConfig(_Section):
+    admin_socket: Path | None = None  # default <data_dir>/admin/admin.sock
+    health_listen: str = "127.0.0.1:8088"  # /live /ready /metrics only; "" turns it off
+
+    @field_validator("health_listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        if value:
+            host, sep, port = value.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+                raise ValueError(f"{value!r} is not host:port, e.g. 127.0.0.1:8088")
+        return value
+
+
+class Config(_Section):
+    trust_domain: str | None = None
+    data_dir: Path = DEFAULT_DATA_DIR
+    database_url: str | None = None  # default: SQLite in the data dir
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    server: ServerConfig = ServerConfig()
+    ca: CAConfig = CAConfig()
+    svid: SvidConfig = SvidConfig()
+
+    @field_validator("trust_domain")
+    @classmethod
+    def _trust_domain(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return parse_trust_domain(value).name
+        except IdentityError as exc:
+            raise ValueError(exc.message) from exc
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.server.admin_socket or self.data_dir / "admin" / "admin.sock"
+
+
+def load_config(
+    path: Path | None,
+    *,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Config:
+    """Layer file < environment < flags and validate; raise ConfigError naming the key."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    origin: dict[tuple[str, ...], str] = {}
+    if path is not None:
+        data = _read_yaml(path)
+        _note(origin, data, (), f"{path}")
+    for name, value in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX) or name in _ENV_NOT_CONFIG:
+            continue
+        keys = tuple(part.lower() for part in name[len(ENV_PREFIX) :].split("__"))
+        _put(data, keys, value, name)
+        origin[keys] = f"environment variable {name}"
+    for dotted, value in (flags or {}).items():
+        if value is None:
+            continue
+        keys = tuple(dotted.split("."))
+        _put(data, keys, value, dotted)
+        origin[keys] = f"flag --{keys[-1].replace('_', '-')}"
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, origin)) from exc
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(
+            f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})"
+        ) from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of keys, e.g. trust_domain: ..."
+        )
+    return loaded
+
+
+def _put(data: dict[str, Any], keys: tuple[str, ...], value: Any, source: str) -> None:
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _note(
+    origin: dict[tuple[str, ...], str], data: Any, prefix: tuple[str, ...], source: str
+) -> None:
+    if isinstance(data, dict):
+        for key, value in data.items():
+            origin[(*prefix, str(key))] = source
+            _note(origin, value, (*prefix, str(key)), source)
+
+
+def _describe(exc: ValidationError, origin: dict[tuple[str, ...], str]) -> str:
+    lines = []
+    for error in exc.errors():
+        loc = tuple(str(p) for p in error["loc"])
+        key = ".".join(loc) or "(top level)"
+        where = next((origin[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in origin), None)
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; see README, Configuration)"
+        lines.append(f"config {key}: {message}" + (f" (from {where})" if where else ""))
+    return "\n".join(lines)

@@ -1,0 +1,191 @@
+"""Process wiring: build the identity server from a Config and serve it until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from identity.admin import IdentityAdmin
+from identity.admin_api import create_admin_app
+from identity.authority import CASettings, CertificateAuthority
+from identity.health_api import health_router
+from identity.metrics import IdentityMetrics
+from identity.spiffeid import parse_trust_domain
+from identity.store.database import Database, sqlite_url
+from identity.upstream import load_upstream
+from meshward.config import Config, ConfigError
+
+__all__ = ["IdentityServer", "build_identity_server", "prepare_data_dir", "serve"]
+
+log = logging.getLogger("meshward")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class IdentityServer:
+    config: Config
+    db: Database
+    ca: CertificateAuthority
+    admin: IdentityAdmin
+    registry: CollectorRegistry
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        active = self.ca.active
+        if active is None or active.issuer is None or active.not_after <= utcnow():
+            return False, {"ca": "no active CA"}
+        try:
+            self.db.check()
+        except Exception as exc:  # readiness reports, it never raises
+            return False, {"database": str(exc)}
+        return True, {"ca": active.id, "ca_not_after": active.not_after.isoformat()}
+
+
+def prepare_data_dir(path: Path) -> None:
+    """Create the data dir and prove it is writable, or say what to fix."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"data dir {path} is not usable ({exc.strerror or exc}); choose another "
+            "--data-dir (or MESHWARD_DATA_DIR) or fix its permissions"
+        ) from exc
+
+
+def build_identity_server(
+    config: Config, *, clock: Callable[[], datetime] = utcnow
+) -> IdentityServer:
+    if config.trust_domain is None:
+        raise ConfigError(
+            "trust_domain is not set; pass --trust-domain, set MESHWARD_TRUST_DOMAIN or put "
+            "trust_domain: in the config file"
+        )
+    trust_domain = parse_trust_domain(config.trust_domain)
+    prepare_data_dir(config.data_dir)
+    db = Database(config.database_url or sqlite_url(config.data_dir.resolve()))
+    db.migrate()
+    upstream = None
+    if config.ca.upstream is not None:
+        up = config.ca.upstream
+        upstream = load_upstream(up.cert_file, up.key_file, up.bundle_file, now=clock())
+    registry = CollectorRegistry()
+    metrics = IdentityMetrics(registry)
+    ca = CertificateAuthority(
+        db=db,
+        trust_domain=trust_domain,
+        key_dir=config.data_dir / "keys",
+        settings=CASettings(
+            key_type=config.ca.key_type,
+            jwt_key_type=config.ca.jwt_key_type,
+            ttl=config.ca.ttl,
+            x509_svid_ttl=config.svid.x509_ttl,
+            jwt_svid_ttl=config.svid.jwt_ttl,
+            bundle_grace=config.ca.bundle_grace,
+        ),
+        metrics=metrics,
+        upstream=upstream,
+    )
+    ca.load(clock())
+    admin = IdentityAdmin(
+        db=db,
+        ca=ca,
+        default_parent_id=f"{trust_domain.as_spiffe_id()}/meshward/server",
+        clock=clock,
+    )
+    metrics.watch(
+        ca_not_after=lambda: ca.active.not_after if ca.active else None,
+        entries=admin.count_entries,
+    )
+    return IdentityServer(config=config, db=db, ca=ca, admin=admin, registry=registry)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: one handler in ``serve`` stops every server."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve(server: IdentityServer) -> None:
+    config = server.config
+    admin_app = create_admin_app(server.admin, registry=server.registry, ready=server.ready)
+    servers = [_Server(_uvicorn_config(admin_app, uds=_claim_socket(config.admin_socket)))]
+    if config.server.health_listen:
+        host, _, port = config.server.health_listen.rpartition(":")
+        health_app = FastAPI(title="meshward health")
+        health_app.include_router(health_router(server.registry, server.ready))
+        servers.append(_Server(_uvicorn_config(health_app, host=host, port=int(port))))
+
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        for s in servers:
+            s.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+    rotation = asyncio.create_task(_rotate_forever(server))
+    log.info(
+        "meshward server: trust domain %s, admin API on %s, health on %s",
+        server.ca.trust_domain.name,
+        config.admin_socket,
+        config.server.health_listen or "(off)",
+    )
+    try:
+        await asyncio.gather(*(s.serve() for s in servers))
+    finally:
+        rotation.cancel()
+        server.db.dispose()
+
+
+async def _rotate_forever(server: IdentityServer) -> None:
+    interval = min(max(server.ca.settings.ttl / 100, timedelta(seconds=1)), timedelta(seconds=10))
+    while True:
+        await asyncio.sleep(interval.total_seconds())
+        try:
+            await asyncio.to_thread(server.ca.rotate, utcnow())
+        except Exception:
+            # Keep serving with the current CA; the next tick retries.
+            log.exception("ca: rotation failed")
+
+
+def _claim_socket(path: Path) -> str:
+    """Make the private socket directory (0700) and clear a stale socket, refusing a live one."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    if path.exists():
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()
+        else:
+            raise ConfigError(
+                f"another meshward server is already listening on {path}; stop it or use another --data-dir"
+            )
+        finally:
+            probe.close()
+    return str(path)
+
+
+def _uvicorn_config(app: FastAPI, **where: Any) -> uvicorn.Config:
+    return uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", **where)
