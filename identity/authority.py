@@ -30,6 +30,7 @@ from spiffe import SpiffeId, TrustDomain
 
 from identity.bundle import JwtAuthority, TrustBundle
 from identity.errors import CAUnavailableError, InvalidInputError
+from identity.issuance_log import IssuanceLog
 from identity.keys import (
     KeyType,
     PrivateKey,
@@ -42,7 +43,7 @@ from identity.keys import (
 )
 from identity.metrics import IdentityMetrics
 from identity.store.database import Database
-from identity.store.issued import IssuedCertificate, record_issued
+from identity.store.issued import IssuedCertificate
 from identity.store.journal import (
     SlotRecord,
     StoredBundle,
@@ -163,6 +164,7 @@ class CertificateAuthority:
         self._slots: tuple[Slot, ...] = ()
         self._active: Slot | None = None
         self._bundle: TrustBundle | None = None
+        self._issued = IssuanceLog(db)
 
     # -- state ---------------------------------------------------------------------------
 
@@ -460,19 +462,24 @@ class CertificateAuthority:
     def _record(
         self, cert: x509.Certificate, *, spiffe_id: str, issued_to: str, slot_id: str, kind: str
     ) -> None:
-        with self._db.transaction() as session:
-            record_issued(
-                session,
-                issued=IssuedCertificate(
-                    serial=f"{cert.serial_number:x}",
-                    kind=kind,
-                    spiffe_id=spiffe_id,
-                    issued_to=issued_to,
-                    ca_slot_id=slot_id,
-                    not_before=cert.not_valid_before_utc,
-                    not_after=cert.not_valid_after_utc,
-                ),
+        self._issued.record(
+            IssuedCertificate(
+                serial=f"{cert.serial_number:x}",
+                kind=kind,
+                spiffe_id=spiffe_id,
+                issued_to=issued_to,
+                ca_slot_id=slot_id,
+                not_before=cert.not_valid_before_utc,
+                not_after=cert.not_valid_after_utc,
             )
+        )
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every issued certificate is recorded in the database."""
+        return self._issued.flush(timeout)
+
+    def close(self) -> None:
+        self._issued.close()
 
     def _key_path(self, slot_id: str, kind: str) -> Path:
         return self._key_dir / f"{slot_id}.{kind}.key.pem"

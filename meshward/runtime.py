@@ -154,6 +154,7 @@ async def serve(server: IdentityServer) -> None:
         await asyncio.gather(*(s.serve() for s in servers))
     finally:
         rotation.cancel()
+        server.ca.close()
         server.db.dispose()
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -87,6 +87,15 @@ class Database:
         try:
             with self.sessions.begin() as session:
                 yield session
+        except DBAPIError as exc:
+            raise StoreError(f"database error on {self.display_url}: {exc.orig}") from exc
+
+    @contextmanager
+    def connection(self) -> Iterator[Connection]:
+        """A Core transaction for hot paths that need no ORM session."""
+        try:
+            with self.engine.begin() as conn:
+                yield conn
         except DBAPIError as exc:
             raise StoreError(f"database error on {self.display_url}: {exc.orig}") from exc
 
