@@ -1,0 +1,1 @@
+"""Audit trail: decision records, durable spool, SQLAlchemy store, query API (coming)."""

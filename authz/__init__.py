@@ -1,0 +1,1 @@
+"""Envoy ext_authz: request view, Istio AuthorizationPolicy and Rego engines, decisions (coming)."""

@@ -1,0 +1,1 @@
+"""SPIFFE identity: CA, SVIDs, bundle, registration entries, datastore and admin API."""

@@ -1,0 +1,1 @@
+"""meshward command line, configuration and process wiring (no domain logic)."""

@@ -1,0 +1,1 @@
+"""Identity datastore: SQLAlchemy models, repository functions and Alembic migrations."""
