@@ -192,6 +192,8 @@ class CertificateAuthority:
             records = list_slots(session)
             stored = load_bundle(session, trust_domain=self.trust_domain.name)
         slots = tuple(self._restore(record) for record in records)
+        for slot in slots:
+            self._check_trust_domain(slot)
         with self._lock:
             self._set_slots(slots)
             sequence = stored.sequence if stored else 0
@@ -502,6 +504,16 @@ class CertificateAuthority:
             activated_at=slot.activated_at,
             retired_at=slot.retired_at,
         )
+
+    def _check_trust_domain(self, slot: Slot) -> None:
+        sans = slot.certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        uris = sans.value.get_values_for_type(x509.UniformResourceIdentifier)
+        if uris != [self.trust_domain.as_spiffe_id()]:
+            raise CAUnavailableError(
+                f"the database holds a CA for {', '.join(uris)}, not for trust domain "
+                f"{self.trust_domain.name}; use a new data dir (or database) for a new trust domain",
+                field="trust_domain",
+            )
 
     def _restore(self, record: SlotRecord) -> Slot:
         cert = x509.load_pem_x509_certificate(record.certificate_pem.encode())
