@@ -124,7 +124,7 @@ def _run_server(config: Config) -> None:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    # Alembic narrates every start at INFO; a migration that runs is still logged by name.
+    # Alembic narrates every start at INFO, which buries what the server itself says.
     logging.getLogger("alembic.runtime.migration").setLevel(
         max(logging.WARNING, logging.getLogger().level)
     )
