@@ -198,7 +198,8 @@ class CertificateAuthority:
             self._set_slots(slots)
             sequence = stored.sequence if stored else 0
             self._bundle = self._build_bundle(sequence)
-            if stored is None or self._bundle_changed(stored):
+            # A first start has nothing to publish yet: rotation publishes the first CA.
+            if slots and (stored is None or self._bundle_changed(stored)):
                 self._publish(now, sequence + 1)
         self.rotate(now)
 

@@ -21,10 +21,10 @@ def parse_spiffe_id(value: str, *, field: str = "spiffe_id") -> SpiffeId:
             field=field,
         ) from exc
     if str(parsed) != value:
-        # py-spiffe lowercases the trust domain; the spec forbids uppercase outright.
+        # py-spiffe lowercases the scheme and trust domain; the spec forbids uppercase there.
         raise InvalidSpiffeIdError(
-            f"{value!r} is not a valid SPIFFE ID (the trust domain must be lowercase); "
-            f"did you mean {parsed}?",
+            f"{value!r} is not a valid SPIFFE ID (the scheme and trust domain must be "
+            f"lowercase); did you mean {parsed}?",
             field=field,
         )
     return parsed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -10,8 +11,8 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from identity.errors import UpstreamAuthorityError
-from identity.keys import PrivateKey, load_private_key
+from identity.errors import InvalidCSRError, UpstreamAuthorityError
+from identity.keys import PrivateKey, check_public_key, load_private_key
 from identity.x509certs import Issuer
 
 __all__ = ["UpstreamAuthority", "load_upstream"]
@@ -63,8 +64,10 @@ def load_upstream(
             field="ca.upstream.cert_file",
         )
     if bundle_file is not None:
-        roots = tuple(_read_certs(bundle_file, "ca.upstream.bundle_file"))
-    elif certs[-1].subject == certs[-1].issuer:
+        roots_file, roots_field = bundle_file, "ca.upstream.bundle_file"
+        roots = tuple(_read_certs(bundle_file, roots_field))
+    elif _issued_by(certs[-1], certs[-1]):
+        roots_file, roots_field = cert_file, "ca.upstream.cert_file"
         roots = (certs[-1],)
     else:
         raise UpstreamAuthorityError(
@@ -78,6 +81,7 @@ def load_upstream(
             f"the certificate in {cert_file} has no subjectKeyIdentifier extension",
             field="ca.upstream.cert_file",
         ) from exc
+    _check_root_keys(roots, roots_file, roots_field)
     _check_chains_to_roots(certs, roots, cert_file)
     return UpstreamAuthority(issuer=issuer, roots=roots)
 
@@ -85,19 +89,38 @@ def load_upstream(
 def _check_chains_to_roots(
     certs: list[x509.Certificate], roots: tuple[x509.Certificate, ...], cert_file: Path
 ) -> None:
+    for i, (child, parent) in enumerate(itertools.pairwise(certs)):
+        if not _issued_by(child, parent):
+            raise UpstreamAuthorityError(
+                f"certificate {i + 1} in {cert_file} is not issued by the certificate after it; "
+                "list the chain from the issuing CA up to the root, in order",
+                field="ca.upstream.cert_file",
+            )
     top = certs[-1]
+    if not any(_issued_by(top, root) for root in roots):
+        raise UpstreamAuthorityError(
+            f"the certificate chain in {cert_file} is not issued by any root in the upstream bundle",
+            field="ca.upstream.bundle_file",
+        )
+
+
+def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    try:
+        child.verify_directly_issued_by(parent)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _check_root_keys(roots: tuple[x509.Certificate, ...], path: Path, field: str) -> None:
+    """Roots go into the JWKS bundle, which carries EC and RSA keys only."""
     for root in roots:
-        if root == top:
-            return
         try:
-            top.verify_directly_issued_by(root)
-        except (ValueError, TypeError, InvalidSignature):
-            continue
-        return
-    raise UpstreamAuthorityError(
-        f"the certificate chain in {cert_file} is not issued by any root in the upstream bundle",
-        field="ca.upstream.bundle_file",
-    )
+            check_public_key(root.public_key(), field=field)
+        except InvalidCSRError as exc:
+            raise UpstreamAuthorityError(
+                f"root {root.subject.rfc4514_string()} in {path}: {exc.message}", field=field
+            ) from exc
 
 
 def _read_certs(path: Path, field: str) -> list[x509.Certificate]:
