@@ -84,18 +84,19 @@ class Database:
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """One unit of work: commits on success, rolls back on any error."""
-        try:
-            with self.sessions.begin() as session:
-                yield session
-        except DBAPIError as exc:
-            raise StoreError(f"database error on {self.display_url}: {exc.orig}") from exc
+        with self._store_errors(), self.sessions.begin() as session:
+            yield session
 
     @contextmanager
     def connection(self) -> Iterator[Connection]:
         """A Core transaction for hot paths that need no ORM session."""
+        with self._store_errors(), self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def _store_errors(self) -> Iterator[None]:
         try:
-            with self.engine.begin() as conn:
-                yield conn
+            yield
         except DBAPIError as exc:
             raise StoreError(f"database error on {self.display_url}: {exc.orig}") from exc
 
