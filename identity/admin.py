@@ -116,8 +116,8 @@ class IdentityAdmin:
 
     # -- join tokens -----------------------------------------------------------------
 
-    def generate_token(self, ttl: timedelta) -> IssuedToken:
-        check_ttl(ttl, TOKEN_TTL_RANGE, field="ttl")
+    def generate_token(self, ttl_seconds: int) -> IssuedToken:
+        ttl = check_ttl(ttl_seconds, TOKEN_TTL_RANGE, field="ttl")
         now = self.clock()
         secret = secrets.token_urlsafe(32)
         with self.db.transaction() as session:
@@ -133,13 +133,12 @@ class IdentityAdmin:
         *,
         csr: bytes,
         spiffe_id: str,
-        ttl: timedelta | None,
+        ttl_seconds: int | None,
         dns_names: tuple[str, ...],
         issued_to: str,
     ) -> X509SvidIssue:
         parsed = self._member(spiffe_id)
-        if ttl is not None:
-            check_ttl(ttl, X509_TTL_RANGE, field="ttl")
+        ttl = None if ttl_seconds is None else check_ttl(ttl_seconds, X509_TTL_RANGE, field="ttl")
         dns = tuple(check_dns_name(n, field=f"dns_names[{i}]") for i, n in enumerate(dns_names))
         public_key = public_key_from_csr(csr)
         return self.ca.sign_x509_svid(
@@ -152,11 +151,10 @@ class IdentityAdmin:
         )
 
     def mint_jwt_svid(
-        self, *, spiffe_id: str, audience: tuple[str, ...], ttl: timedelta | None
+        self, *, spiffe_id: str, audience: tuple[str, ...], ttl_seconds: int | None
     ) -> JwtSvidIssue:
         parsed = self._member(spiffe_id)
-        if ttl is not None:
-            check_ttl(ttl, JWT_TTL_RANGE, field="ttl")
+        ttl = None if ttl_seconds is None else check_ttl(ttl_seconds, JWT_TTL_RANGE, field="ttl")
         return self.ca.sign_jwt_svid(spiffe_id=parsed, audience=audience, ttl=ttl, now=self.clock())
 
     def rotate_ca(self) -> list[str]:

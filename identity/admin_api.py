@@ -7,14 +7,14 @@ Read models here are separate from rows and domain values; errors are JSON
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from cryptography.hazmat.primitives import serialization
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from identity.admin import IdentityAdmin
 from identity.authority import Slot
@@ -42,23 +42,25 @@ class EntryIn(_Strict):
     spiffe_id: str
     parent_id: str | None = None
     selectors: list[str]
-    x509_svid_ttl: int | None = Field(default=None, description="seconds")
-    jwt_svid_ttl: int | None = Field(default=None, description="seconds")
+    x509_svid_ttl: StrictInt | None = Field(default=None, description="seconds")
+    jwt_svid_ttl: StrictInt | None = Field(default=None, description="seconds")
     dns_names: list[str] = []
     hint: str = ""
-    admin: bool = False
+    admin: StrictBool = False
     expires_at: datetime | None = None
 
 
 class EntryPatch(_Strict):
+    """Fields to change; only the TTLs (back to the default) and the expiry can be null."""
+
     spiffe_id: str | None = None
     parent_id: str | None = None
     selectors: list[str] | None = None
-    x509_svid_ttl: int | None = None
-    jwt_svid_ttl: int | None = None
+    x509_svid_ttl: StrictInt | None = None
+    jwt_svid_ttl: StrictInt | None = None
     dns_names: list[str] | None = None
     hint: str | None = None
-    admin: bool | None = None
+    admin: StrictBool | None = None
     expires_at: datetime | None = None
 
 
@@ -67,8 +69,8 @@ class EntryOut(BaseModel):
     spiffe_id: str
     parent_id: str
     selectors: list[str]
-    x509_svid_ttl: int | None
-    jwt_svid_ttl: int | None
+    x509_svid_ttl: StrictInt | None
+    jwt_svid_ttl: StrictInt | None
     dns_names: list[str]
     hint: str
     admin: bool
@@ -97,7 +99,7 @@ class EntryOut(BaseModel):
 
 
 class TokenIn(_Strict):
-    ttl: int = Field(default=600, description="seconds")
+    ttl: StrictInt = Field(default=600, description="seconds")
 
 
 class TokenOut(BaseModel):
@@ -109,7 +111,7 @@ class TokenOut(BaseModel):
 class X509MintIn(_Strict):
     spiffe_id: str
     csr: str = Field(description="PEM PKCS#10 request signed by the workload's own key")
-    ttl: int | None = Field(default=None, description="seconds")
+    ttl: StrictInt | None = Field(default=None, description="seconds")
     dns_names: list[str] = []
 
 
@@ -125,7 +127,7 @@ class X509MintOut(BaseModel):
 class JwtMintIn(_Strict):
     spiffe_id: str
     audience: list[str]
-    ttl: int | None = Field(default=None, description="seconds")
+    ttl: StrictInt | None = Field(default=None, description="seconds")
 
 
 class JwtMintOut(BaseModel):
@@ -178,6 +180,8 @@ class RotateOut(BaseModel):
     events: list[str]
     ca: CAOut
 
+
+_NULLABLE = frozenset({"x509_svid_ttl", "jwt_svid_ttl", "expires_at"})
 
 _STATUS: tuple[tuple[type[IdentityError], int], ...] = (
     (InvalidInputError, 400),
@@ -255,9 +259,9 @@ def create_admin_app(admin: IdentityAdmin, *, registry: Any, ready: ReadyCheck) 
         changes: dict[str, Any] = {}
         for name in body.model_fields_set:
             value = getattr(body, name)
-            if isinstance(value, list):
-                value = tuple(value)
-            changes[name] = value
+            if value is None and name not in _NULLABLE:
+                raise InvalidInputError("may not be null; leave it out to keep it", field=name)
+            changes[name] = tuple(value) if isinstance(value, list) else value
         if not changes:
             raise InvalidInputError("nothing to update; give at least one field", field="body")
         return EntryOut.of(admin.update_entry(entry_id, changes))
@@ -268,7 +272,7 @@ def create_admin_app(admin: IdentityAdmin, *, registry: Any, ready: ReadyCheck) 
 
     @app.post("/v1/join-tokens", status_code=201)
     def generate_token(body: TokenIn) -> TokenOut:
-        issued = admin.generate_token(timedelta(seconds=body.ttl))
+        issued = admin.generate_token(body.ttl)
         return TokenOut(token=issued.token, id=issued.id, expires_at=issued.expires_at)
 
     @app.post("/v1/svids/x509", status_code=201)
@@ -276,7 +280,7 @@ def create_admin_app(admin: IdentityAdmin, *, registry: Any, ready: ReadyCheck) 
         issued = admin.mint_x509_svid(
             csr=body.csr.encode(),
             spiffe_id=body.spiffe_id,
-            ttl=timedelta(seconds=body.ttl) if body.ttl is not None else None,
+            ttl_seconds=body.ttl,
             dns_names=tuple(body.dns_names),
             issued_to="admin-api",
         )
@@ -295,7 +299,7 @@ def create_admin_app(admin: IdentityAdmin, *, registry: Any, ready: ReadyCheck) 
         issued = admin.mint_jwt_svid(
             spiffe_id=body.spiffe_id,
             audience=tuple(body.audience),
-            ttl=timedelta(seconds=body.ttl) if body.ttl is not None else None,
+            ttl_seconds=body.ttl,
         )
         return JwtMintOut(
             token=issued.token,

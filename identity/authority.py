@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -158,6 +159,9 @@ class CertificateAuthority:
         self.settings = settings
         self._db = db
         self._key_dir = key_dir
+        # The CA's own key directory is private whatever it was before.
+        key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(key_dir, 0o700)
         self._metrics = metrics
         self._upstream = upstream
         self._lock = threading.Lock()

@@ -65,7 +65,7 @@ class EntrySpec:
             ("jwt_svid_ttl", self.jwt_svid_ttl, JWT_TTL_RANGE),
         ):
             if ttl is not None:
-                check_ttl(timedelta(seconds=ttl), bounds, field=name)
+                check_ttl(ttl, bounds, field=name)
         dns = tuple(
             check_dns_name(n, field=f"dns_names[{i}]") for i, n in enumerate(self.dns_names)
         )
@@ -128,15 +128,16 @@ class Entry:
         return set(self.selectors) <= set(present)
 
 
-def check_ttl(ttl: timedelta, bounds: tuple[timedelta, timedelta], *, field: str) -> timedelta:
+def check_ttl(seconds: float, bounds: tuple[timedelta, timedelta], *, field: str) -> timedelta:
+    """Range-check a TTL given in seconds before it becomes a timedelta (which could overflow)."""
     low, high = bounds
-    if not low <= ttl <= high:
+    if not low.total_seconds() <= seconds <= high.total_seconds():
         raise InvalidTTLError(
-            f"{int(ttl.total_seconds())}s is out of range; use between "
+            f"{seconds:g}s is out of range; use between "
             f"{int(low.total_seconds())}s and {int(high.total_seconds())}s",
             field=field,
         )
-    return ttl
+    return timedelta(seconds=seconds)
 
 
 def check_dns_name(name: str, *, field: str) -> str:

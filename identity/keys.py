@@ -82,9 +82,11 @@ def check_public_key(key: object, *, field: str = "csr") -> PublicKey:
 
 
 def write_private_key(path: Path, key: PrivateKey) -> None:
-    """Write ``key`` as unencrypted PKCS#8 PEM, never readable by anyone but the owner."""
+    """Write ``key`` as unencrypted PKCS#8 PEM, never readable by anyone but the owner.
+
+    A missing directory is made 0700; an existing one is left as its owner set it.
+    """
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
     data = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import logging
@@ -119,7 +118,7 @@ def cli() -> None:
 
 
 def _run_server(config: Config) -> None:
-    from meshward.runtime import build_identity_server, serve
+    from meshward.runtime import run
 
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -128,8 +127,7 @@ def _run_server(config: Config) -> None:
     logging.getLogger("alembic.runtime.migration").setLevel(
         max(logging.WARNING, logging.getLogger().level)
     )
-    server = build_identity_server(config)
-    asyncio.run(serve(server))
+    run(config)
 
 
 @cli.command()
@@ -580,4 +578,15 @@ def ca_rotate(config_path: Path | None, data_dir: Path | None, output: str) -> N
 
 
 def main() -> None:
-    cli(prog_name="meshward")
+    try:
+        cli.main(prog_name="meshward", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.format_message(), err=True)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        # Usage errors too get the one-line form every other error has.
+        click.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(1)

@@ -18,11 +18,11 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     ValidationError,
+    ValidationInfo,
     field_validator,
-    model_validator,
 )
 
-from identity.entries import JWT_TTL_RANGE, X509_TTL_RANGE
+from identity.entries import JWT_TTL_RANGE, X509_TTL_RANGE, check_ttl
 from identity.errors import IdentityError
 from identity.keys import KeyType
 from identity.spiffeid import parse_trust_domain
@@ -71,18 +71,14 @@ class SvidConfig(_Section):
     x509_ttl: Duration = timedelta(hours=1)
     jwt_ttl: Duration = timedelta(minutes=5)
 
-    @model_validator(mode="after")
-    def _ranges(self) -> SvidConfig:
-        for name, value, (low, high) in (
-            ("x509_ttl", self.x509_ttl, X509_TTL_RANGE),
-            ("jwt_ttl", self.jwt_ttl, JWT_TTL_RANGE),
-        ):
-            if not low <= value <= high:
-                raise ValueError(
-                    f"{name} must be between {int(low.total_seconds())}s and "
-                    f"{int(high.total_seconds())}s"
-                )
-        return self
+    @field_validator("x509_ttl", "jwt_ttl")
+    @classmethod
+    def _range(cls, value: timedelta, info: ValidationInfo) -> timedelta:
+        bounds = X509_TTL_RANGE if info.field_name == "x509_ttl" else JWT_TTL_RANGE
+        try:
+            return check_ttl(value.total_seconds(), bounds, field=str(info.field_name))
+        except IdentityError as exc:
+            raise ValueError(exc.message) from exc
 
 
 class ServerConfig(_Section):

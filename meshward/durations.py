@@ -9,6 +9,9 @@ __all__ = ["format_duration", "parse_duration"]
 
 _PART = re.compile(r"(\d+)(ms|s|m|h|d)")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+# Far beyond any TTL meshward accepts, and far below timedelta's overflow.
+_LONGEST = 100 * 365 * 86400
+_LONGEST_TEXT = "100 years"
 
 
 def parse_duration(value: str | int | float | timedelta) -> timedelta:
@@ -30,6 +33,8 @@ def parse_duration(value: str | int | float | timedelta) -> timedelta:
             seconds = sum(int(n) * _UNITS[u] for n, u in parts)
     if seconds <= 0:
         raise ValueError(f"{value!r} must be longer than zero")
+    if not seconds < _LONGEST:
+        raise ValueError(f"{value!r} is too long; durations are at most {_LONGEST_TEXT}")
     return timedelta(seconds=seconds)
 
 

@@ -29,7 +29,15 @@ from identity.store.database import Database, sqlite_url
 from identity.upstream import load_upstream
 from meshward.config import Config, ConfigError
 
-__all__ = ["IdentityServer", "build_identity_server", "prepare_data_dir", "serve"]
+__all__ = [
+    "IdentityServer",
+    "Listeners",
+    "bind_listeners",
+    "build_identity_server",
+    "prepare_data_dir",
+    "run",
+    "serve",
+]
 
 log = logging.getLogger("meshward")
 
@@ -45,10 +53,11 @@ class IdentityServer:
     ca: CertificateAuthority
     admin: IdentityAdmin
     registry: CollectorRegistry
+    clock: Callable[[], datetime] = utcnow
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         active = self.ca.active
-        if active is None or active.issuer is None or active.not_after <= utcnow():
+        if active is None or active.issuer is None or active.not_after <= self.clock():
             return False, {"ca": "no active CA"}
         try:
             self.db.check()
@@ -114,7 +123,7 @@ def build_identity_server(
         ca_not_after=lambda: ca.active.not_after if ca.active else None,
         entries=admin.count_entries,
     )
-    return IdentityServer(config=config, db=db, ca=ca, admin=admin, registry=registry)
+    return IdentityServer(config=config, db=db, ca=ca, admin=admin, registry=registry, clock=clock)
 
 
 class _Server(uvicorn.Server):
@@ -125,20 +134,47 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def serve(server: IdentityServer) -> None:
+@dataclass(slots=True)
+class Listeners:
+    admin: socket.socket
+    health: socket.socket | None
+
+    def close(self, config: Config) -> None:
+        for sock in (self.admin, self.health):
+            if sock is not None:
+                sock.close()
+        config.admin_socket.unlink(missing_ok=True)
+
+
+def bind_listeners(config: Config) -> Listeners:
+    """Bind every socket before anything else starts, so a busy port or a bad path fails fast.
+
+    Binding here rather than in uvicorn also makes those a ConfigError naming the setting,
+    not a traceback from inside the event loop.
+    """
+    admin = _listen_unix(config.admin_socket)
+    try:
+        health = _listen_tcp(config.server.health_listen) if config.server.health_listen else None
+    except ConfigError:
+        admin.close()
+        config.admin_socket.unlink(missing_ok=True)
+        raise
+    return Listeners(admin=admin, health=health)
+
+
+async def serve(server: IdentityServer, listeners: Listeners) -> None:
     config = server.config
     admin_app = create_admin_app(server.admin, registry=server.registry, ready=server.ready)
-    servers = [_Server(_uvicorn_config(admin_app, uds=_claim_socket(config.admin_socket)))]
-    if config.server.health_listen:
-        host, _, port = config.server.health_listen.rpartition(":")
+    servers = [(_Server(_uvicorn_config(admin_app)), listeners.admin)]
+    if listeners.health is not None:
         health_app = FastAPI(title="meshward health")
         health_app.include_router(health_router(server.registry, server.ready))
-        servers.append(_Server(_uvicorn_config(health_app, host=host, port=int(port))))
+        servers.append((_Server(_uvicorn_config(health_app)), listeners.health))
 
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
-        for s in servers:
+        for s, _ in servers:
             s.should_exit = True
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -151,11 +187,22 @@ async def serve(server: IdentityServer) -> None:
         config.server.health_listen or "(off)",
     )
     try:
-        await asyncio.gather(*(s.serve() for s in servers))
+        await asyncio.gather(*(s.serve(sockets=[sock]) for s, sock in servers))
     finally:
         rotation.cancel()
         server.ca.close()
         server.db.dispose()
+
+
+def run(config: Config) -> None:
+    """Bind, build and serve until SIGINT/SIGTERM."""
+    prepare_data_dir(config.data_dir)
+    listeners = bind_listeners(config)
+    try:
+        server = build_identity_server(config)
+        asyncio.run(serve(server, listeners))
+    finally:
+        listeners.close(config)
 
 
 async def _rotate_forever(server: IdentityServer) -> None:
@@ -169,8 +216,8 @@ async def _rotate_forever(server: IdentityServer) -> None:
             log.exception("ca: rotation failed")
 
 
-def _claim_socket(path: Path) -> str:
-    """Make the private socket directory (0700) and clear a stale socket, refusing a live one."""
+def _listen_unix(path: Path) -> socket.socket:
+    """Listen on the admin socket inside a private (0700) directory; refuse a live socket."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
     if path.exists():
@@ -185,8 +232,30 @@ def _claim_socket(path: Path) -> str:
             )
         finally:
             probe.close()
-    return str(path)
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"cannot listen on the admin socket {path} ({exc.strerror or exc}); a socket path "
+            "is at most 107 bytes, so use a shorter --data-dir or set server.admin_socket"
+        ) from exc
+    os.chmod(path, 0o600)
+    sock.listen(128)
+    return sock
 
 
-def _uvicorn_config(app: FastAPI, **where: Any) -> uvicorn.Config:
-    return uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", **where)
+def _listen_tcp(address: str) -> socket.socket:
+    host, _, port = address.rpartition(":")
+    try:
+        return socket.create_server((host.strip("[]"), int(port)), backlog=128)
+    except OSError as exc:
+        raise ConfigError(
+            f"server.health_listen {address} cannot be used ({exc.strerror or exc}); pick a "
+            'free port, or set it to "" to turn the health listener off'
+        ) from exc
+
+
+def _uvicorn_config(app: FastAPI) -> uvicorn.Config:
+    return uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")

@@ -32,10 +32,11 @@ class Database:
     def __init__(self, url: str) -> None:
         try:
             parsed = make_url(url)
-        except ArgumentError as exc:
+        except (ArgumentError, ValueError) as exc:
+            # The URL is not echoed: it may hold a password.
             raise StoreError(
-                f"{url!r} is not a database URL; use sqlite:///path/to/file.db "
-                "or postgresql+psycopg://user@host:5432/db",
+                "not a database URL (check the scheme, host and numeric port); use "
+                "sqlite:///path/to/file.db or postgresql+psycopg://user@host:5432/db",
                 field="database_url",
             ) from exc
         if parsed.drivername == "postgresql":

@@ -349,7 +349,7 @@ def test_unusable_upstream_files_are_refused(root, tmp_path, make_case, field, n
         assert str(path) in info.value.message
 
 
-# -- known production bugs (these tests fail until identity/upstream.py is fixed) ------
+# -- chain links and root key types in the upstream files --------------------
 
 
 def test_cert_file_chain_must_link_to_the_root_it_ends_in(root, tmp_path):

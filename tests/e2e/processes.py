@@ -1,0 +1,214 @@
+"""Real meshward processes for end-to-end tests: free ports, the server, and CLI runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+__all__ = [
+    "MESHWARD",
+    "CliResult",
+    "ServerProcess",
+    "cli_env",
+    "free_port",
+    "run_cli",
+    "running_server",
+    "write_config",
+]
+
+# The console script installed next to the interpreter running the tests.
+MESHWARD = Path(sys.executable).parent / "meshward"
+# Deadlines only keep a broken run from hanging; no test asserts how long anything took.
+READY_DEADLINE = 60.0
+CLI_DEADLINE = 60.0
+STOP_DEADLINE = 30.0
+
+
+def free_port() -> int:
+    """A loopback TCP port that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The test's environment without any MESHWARD_* variable (they would change the config)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHWARD_")}
+    env.update(extra)
+    return env
+
+
+def write_config(path: Path, *, health_port: int, extra: str = "") -> Path:
+    path.write_text(f"server:\n  health_listen: 127.0.0.1:{health_port}\n{extra}")
+    return path
+
+
+@dataclass(slots=True, frozen=True)
+class CliResult:
+    args: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        assert self.returncode == 0, self.describe()
+        return json.loads(self.stdout)
+
+    def ok(self) -> CliResult:
+        assert self.returncode == 0, self.describe()
+        assert "Traceback" not in self.stderr, self.describe()
+        return self
+
+    def describe(self) -> str:
+        return (
+            f"meshward {' '.join(self.args)} exited {self.returncode}\n"
+            f"--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
+        )
+
+
+def run_cli(
+    *args: str | Path, env: dict[str, str] | None = None, timeout: float = CLI_DEADLINE
+) -> CliResult:
+    argv = tuple(str(a) for a in args)
+    done = subprocess.run(
+        [str(MESHWARD), *argv],
+        env=cli_env() if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    return CliResult(argv, done.returncode, done.stdout, done.stderr)
+
+
+@dataclass
+class ServerProcess:
+    """A `meshward server`/`up` subprocess with its output in files (never a full pipe)."""
+
+    args: tuple[str, ...]
+    data_dir: Path
+    health_port: int | None
+    log_dir: Path
+    process: subprocess.Popen[bytes] = field(init=False)
+
+    def start(self, env: dict[str, str] | None = None) -> ServerProcess:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with (
+            (self.log_dir / "stdout").open("wb") as out,
+            (self.log_dir / "stderr").open("wb") as err,
+        ):
+            self.process = subprocess.Popen(
+                [str(MESHWARD), *self.args],
+                env=cli_env() if env is None else env,
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+            )
+        return self
+
+    @property
+    def stderr(self) -> str:
+        return (self.log_dir / "stderr").read_text(errors="replace")
+
+    @property
+    def stdout(self) -> str:
+        return (self.log_dir / "stdout").read_text(errors="replace")
+
+    @property
+    def health_url(self) -> str:
+        assert self.health_port is not None
+        return f"http://127.0.0.1:{self.health_port}"
+
+    def wait_ready(self, deadline: float = READY_DEADLINE) -> None:
+        """Poll /ready on the health port until it answers 200; fail with the server's stderr."""
+        until = time.monotonic() + deadline
+        last = "no answer yet"
+        with httpx.Client(timeout=2.0) as client:
+            while time.monotonic() < until:
+                code = self.process.poll()
+                if code is not None:
+                    pytest.fail(
+                        f"meshward {' '.join(self.args)} exited {code} before it was ready\n"
+                        f"--- stderr\n{self.stderr}"
+                    )
+                try:
+                    response = client.get(f"{self.health_url}/ready")
+                except httpx.TransportError as exc:
+                    last = repr(exc)
+                else:
+                    if response.status_code == 200:
+                        return
+                    last = f"{response.status_code} {response.text}"
+                time.sleep(0.05)
+        self.kill()
+        pytest.fail(
+            f"meshward {' '.join(self.args)} was not ready within {deadline}s (last: {last})\n"
+            f"--- stderr\n{self.stderr}"
+        )
+
+    def wait_exit(self, deadline: float = STOP_DEADLINE) -> int:
+        try:
+            return self.process.wait(timeout=deadline)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"meshward {' '.join(self.args)} did not exit\n--- stderr\n{self.stderr}")
+
+    def terminate(self, deadline: float = STOP_DEADLINE) -> int:
+        """SIGTERM, then wait for the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.wait_exit(deadline)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=STOP_DEADLINE)
+
+
+def server_args(
+    command: str, data_dir: Path, config: Path | None, extra: Sequence[str | Path] = ()
+) -> tuple[str, ...]:
+    args: list[str] = [command, "--data-dir", str(data_dir)]
+    if config is not None:
+        args += ["--config", str(config)]
+    return (*args, *(str(a) for a in extra))
+
+
+@contextmanager
+def running_server(
+    root: Path,
+    *,
+    command: str = "up",
+    extra: Sequence[str | Path] = (),
+    env: dict[str, str] | None = None,
+) -> Iterator[ServerProcess]:
+    """Start a server on ``root/data`` with a health port picked now; stop it at the end.
+
+    Keep ``root`` short: the admin socket under it must fit in a Unix socket path.
+    """
+    port = free_port()
+    config = write_config(root / "meshward.yaml", health_port=port)
+    server = ServerProcess(
+        args=server_args(command, root / "data", config, extra),
+        data_dir=root / "data",
+        health_port=port,
+        log_dir=root / "logs",
+    ).start(env)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.terminate()
