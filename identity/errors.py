@@ -11,6 +11,7 @@ applies, the ``field`` it is about, so the admin API and the CLI can show it as 
     │   └── InvalidCSRError
     ├── NotFoundError              no such entry / token
     ├── ConflictError              the change would duplicate something stored
+    ├── AttestationError           the caller's process could not be identified
     ├── UpstreamAuthorityError     upstream CA files unusable
     ├── CAUnavailableError         no usable signing authority
     └── StoreError                 database unreachable or failing
@@ -19,6 +20,7 @@ applies, the ``field`` it is about, so the admin API and the CLI can show it as 
 from __future__ import annotations
 
 __all__ = [
+    "AttestationError",
     "CAUnavailableError",
     "ConflictError",
     "IdentityError",
@@ -70,6 +72,10 @@ class NotFoundError(IdentityError):
 
 class ConflictError(IdentityError):
     code = "conflict"
+
+
+class AttestationError(IdentityError):
+    code = "attestation_failed"
 
 
 class UpstreamAuthorityError(IdentityError):

@@ -1,0 +1,111 @@
+"""A Unix-socket front for a grpcio server that tells each call which process made it.
+
+gRPC's C core does not expose SO_PEERCRED (grpc/grpc#15511, #28755): a grpcio servicer
+on a Unix socket sees only ``unix:``. So workloads connect here instead; for every
+connection the front reads the caller's credentials, opens its own connection to the
+real gRPC server from a socket *bound to a fresh path* in a private directory, and
+pumps bytes both ways. The servicer's ``context.peer()`` is then ``unix:<that path>``,
+which :meth:`PeerFront.lookup` maps back to the caller. A connection that did not come
+through the front (only possible for the agent's own user, since the gRPC server's
+socket sits in a 0700 directory) maps to nothing and is refused by the servicer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import socket
+from pathlib import Path
+
+from identity.errors import AttestationError
+from identity.peers import PROC, Peer, peer_of
+
+__all__ = ["PeerFront"]
+
+log = logging.getLogger(__name__)
+_CHUNK = 64 * 1024
+
+
+class PeerFront:
+    def __init__(self, *, listen: Path, upstream: Path, tag_dir: Path, proc: Path = PROC) -> None:
+        self.listen = listen
+        self._upstream = upstream
+        self._tag_dir = tag_dir
+        self._proc = proc
+        self._peers: dict[str, Peer] = {}
+        self._ids = itertools.count(1)
+        self._server: asyncio.AbstractServer | None = None
+
+    def lookup(self, grpc_peer: str) -> Peer | None:
+        """The caller behind a grpcio ``context.peer()`` string, or None if it bypassed the front."""
+        return self._peers.get(grpc_peer.removeprefix("unix:"))
+
+    @property
+    def connections(self) -> int:
+        return len(self._peers)
+
+    async def start(self) -> None:
+        self._tag_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self._tag_dir, 0o700)
+        for stale in self._tag_dir.glob("*.sock"):
+            stale.unlink()
+        self.listen.unlink(missing_ok=True)
+        self._server = await asyncio.start_unix_server(self._serve, path=str(self.listen))
+        # Any local user may connect: what a caller gets depends only on its attestation.
+        os.chmod(self.listen, 0o666)  # noqa: S103 - deliberate, see above
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self.listen.unlink(missing_ok=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            peer = peer_of(writer.get_extra_info("socket"), self._proc)
+        except (AttestationError, OSError) as exc:
+            log.info("peer front: refused a connection: %s", exc)
+            writer.close()
+            return
+        tag = str(self._tag_dir / f"{next(self._ids)}.sock")
+        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            upstream.bind(tag)
+            upstream.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(upstream, str(self._upstream))
+            self._peers[tag] = peer
+            up_reader, up_writer = await asyncio.open_unix_connection(sock=upstream)
+        except OSError as exc:
+            log.error("peer front: cannot reach the gRPC server at %s: %s", self._upstream, exc)
+            upstream.close()
+            writer.close()
+            self._forget(tag)
+            return
+        try:
+            await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
+        finally:
+            self._forget(tag)
+            for w in (writer, up_writer):
+                w.close()
+
+    def _forget(self, tag: str) -> None:
+        self._peers.pop(tag, None)
+        with contextlib.suppress(OSError):
+            os.unlink(tag)
+
+
+async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    try:
+        while data := await source.read(_CHUNK):
+            sink.write(data)
+            await sink.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        # Half-close so the other side sees end of stream and finishes its own direction.
+        with contextlib.suppress(OSError, RuntimeError):
+            if sink.can_write_eof():
+                sink.write_eof()
