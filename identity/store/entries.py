@@ -17,6 +17,7 @@ from identity.store.models import Counter, EntryRow, EntrySelectorRow
 __all__ = [
     "count_entries",
     "create_entry",
+    "current_revision",
     "delete_entry",
     "get_entry",
     "list_entries",
@@ -34,6 +35,11 @@ def next_revision(session: Session, *, name: str = "entries") -> int:
         .returning(Counter.value)
     ).scalar_one()
     return int(value)
+
+
+def current_revision(session: Session, *, name: str = "entries") -> int:
+    """The revision of the newest change (create, update or delete) to entries."""
+    return int(session.execute(select(Counter.value).where(Counter.name == name)).scalar_one())
 
 
 def create_entry(session: Session, *, entry: ValidEntry, now: datetime) -> Entry:
@@ -57,6 +63,8 @@ def delete_entry(session: Session, *, entry_id: str) -> Entry:
     row = _row(session, entry_id)
     entry = _to_entry(row)
     session.delete(row)
+    # A deletion moves the counter too, so "has anything changed since revision N" is one read.
+    next_revision(session)
     session.flush()
     return entry
 

@@ -1,0 +1,82 @@
+"""The agent socket: Workload API (and, registered by the caller, SDS) with health and reflection.
+
+Workloads connect to ``socket`` (reachable by any user); the grpc.aio server itself
+listens inside ``private_dir`` (0700) behind a :class:`PeerFront`, so every call is
+attributed to the process that made it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from spiffe._proto import workload_pb2, workload_pb2_grpc
+
+from identity.peer_front import PeerFront
+from identity.workload_api import JwtSigner, WorkloadAPI
+from identity.workload_attestation import ProcessAttestor, WorkloadAttestor
+from identity.workload_cache import WorkloadSource
+
+__all__ = ["AgentEndpoints", "ServicerHook"]
+
+# Registers further services (SDS) on the server; returns their full names for reflection.
+ServicerHook = Callable[[grpc.aio.Server, WorkloadAttestor], Sequence[str]]
+
+_WORKLOAD_SERVICE = workload_pb2.DESCRIPTOR.services_by_name["SpiffeWorkloadAPI"].full_name
+
+
+class AgentEndpoints:
+    def __init__(
+        self,
+        *,
+        socket: Path,
+        private_dir: Path,
+        attestors: Sequence[ProcessAttestor],
+        source: WorkloadSource,
+        sign_jwt: JwtSigner,
+        hooks: Sequence[ServicerHook] = (),
+    ) -> None:
+        self.socket = socket
+        self._private_dir = private_dir
+        self._inner = private_dir / "grpc.sock"
+        self.front = PeerFront(listen=socket, upstream=self._inner, tag_dir=private_dir / "peers")
+        self.attestor = WorkloadAttestor(self.front, attestors)
+        self._source = source
+        self._sign_jwt = sign_jwt
+        self._hooks = tuple(hooks)
+        self._server: grpc.aio.Server | None = None
+        self.health = health_aio.HealthServicer()
+
+    async def start(self) -> None:
+        self._private_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self._private_dir, 0o700)
+        self._inner.unlink(missing_ok=True)
+        server = grpc.aio.server()
+        workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(  # type: ignore[no-untyped-call]
+            WorkloadAPI(attestor=self.attestor, source=self._source, sign_jwt=self._sign_jwt),
+            server,
+        )
+        names = [_WORKLOAD_SERVICE]
+        for hook in self._hooks:
+            names.extend(hook(server, self.attestor))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
+        names.append(reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+        server.add_insecure_port(f"unix:{self._inner}")
+        await server.start()
+        self._server = server
+        await self.front.start()
+        for name in ("", *names):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float = 1.0) -> None:
+        await self.front.close()
+        if self._server is not None:
+            await self._server.stop(grace)
+        self._inner.unlink(missing_ok=True)
