@@ -8,6 +8,7 @@ attributed to the process that made it.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -52,7 +53,8 @@ class AgentEndpoints:
         self._server: grpc.aio.Server | None = None
         self.health = health_aio.HealthServicer()
 
-    async def start(self) -> None:
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Start serving; ``sock`` is the agent socket if the caller bound it already."""
         self._private_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self._private_dir, 0o700)
         self._inner.unlink(missing_ok=True)
@@ -71,7 +73,7 @@ class AgentEndpoints:
         server.add_insecure_port(f"unix:{self._inner}")
         await server.start()
         self._server = server
-        await self.front.start()
+        await self.front.start(sock)
         for name in ("", *names):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 

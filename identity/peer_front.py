@@ -47,13 +47,17 @@ class PeerFront:
     def connections(self) -> int:
         return len(self._peers)
 
-    async def start(self) -> None:
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Serve on ``sock`` if the caller bound it already (to report errors early), else bind."""
         self._tag_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self._tag_dir, 0o700)
         for stale in self._tag_dir.glob("*.sock"):
             stale.unlink()
-        self.listen.unlink(missing_ok=True)
-        self._server = await asyncio.start_unix_server(self._serve, path=str(self.listen))
+        if sock is None:
+            self.listen.unlink(missing_ok=True)
+            self._server = await asyncio.start_unix_server(self._serve, path=str(self.listen))
+        else:
+            self._server = await asyncio.start_unix_server(self._serve, sock=sock)
         # Any local user may connect: what a caller gets depends only on its attestation.
         os.chmod(self.listen, 0o666)  # noqa: S103 - deliberate, see above
 

@@ -117,7 +117,7 @@ def cli() -> None:
 # -- servers ---------------------------------------------------------------------------
 
 
-def _run_server(config: Config) -> None:
+def _run_server(config: Config, *, agent: bool = False) -> None:
     from meshward.runtime import run
 
     logging.basicConfig(
@@ -127,7 +127,7 @@ def _run_server(config: Config) -> None:
     logging.getLogger("alembic.runtime.migration").setLevel(
         max(logging.WARNING, logging.getLogger().level)
     )
-    run(config)
+    run(config, agent=agent)
 
 
 @cli.command()
@@ -166,7 +166,11 @@ def up(
     database_url: str | None,
     log_level: str | None,
 ) -> None:
-    """Run everything in one process (SQLite in the data dir; trust domain example.org unless set)."""
+    """Run server and agent in one process (trust domain example.org unless set).
+
+    Entries created without --parent-id belong to this agent; workloads reach it at
+    unix://<data-dir>/agent.sock (export it as SPIFFE_ENDPOINT_SOCKET).
+    """
     config = _config(
         config_path,
         data_dir=data_dir,
@@ -176,7 +180,7 @@ def up(
     )
     if config.trust_domain is None:
         config = config.model_copy(update={"trust_domain": UP_TRUST_DOMAIN})
-    _run_server(config)
+    _run_server(config, agent=True)
 
 
 # -- entries ---------------------------------------------------------------------------

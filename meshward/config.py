@@ -95,6 +95,12 @@ class ServerConfig(_Section):
         return value
 
 
+class AgentConfig(_Section):
+    socket: Path | None = None  # default <data_dir>/agent.sock; SPIFFE_ENDPOINT_SOCKET for clients
+    discover_workload_path: bool = False  # unix:path and unix:sha256 selectors
+    workload_size_limit: int = 128 * 1024 * 1024  # bytes hashed at most for unix:sha256
+
+
 class Config(_Section):
     trust_domain: str | None = None
     data_dir: Path = DEFAULT_DATA_DIR
@@ -103,6 +109,7 @@ class Config(_Section):
     server: ServerConfig = ServerConfig()
     ca: CAConfig = CAConfig()
     svid: SvidConfig = SvidConfig()
+    agent: AgentConfig = AgentConfig()
 
     @field_validator("trust_domain")
     @classmethod
@@ -117,6 +124,10 @@ class Config(_Section):
     @property
     def admin_socket(self) -> Path:
         return self.server.admin_socket or self.data_dir / "admin" / "admin.sock"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.agent.socket or self.data_dir / "agent.sock"
 
 
 def load_config(

@@ -21,12 +21,17 @@ from prometheus_client import CollectorRegistry
 
 from identity.admin import IdentityAdmin
 from identity.admin_api import create_admin_app
+from identity.agent import Agent
+from identity.agent_endpoints import AgentEndpoints
 from identity.authority import CASettings, CertificateAuthority
 from identity.health_api import health_router
+from identity.local_backend import LocalBackend
 from identity.metrics import IdentityMetrics
 from identity.spiffeid import parse_trust_domain
 from identity.store.database import Database, sqlite_url
+from identity.unix_attestor import UnixAttestor
 from identity.upstream import load_upstream
+from identity.workload_cache import WorkloadCache
 from meshward.config import Config, ConfigError
 
 __all__ = [
@@ -80,8 +85,9 @@ def prepare_data_dir(path: Path) -> None:
 
 
 def build_identity_server(
-    config: Config, *, clock: Callable[[], datetime] = utcnow
+    config: Config, *, clock: Callable[[], datetime] = utcnow, local_agent: bool = False
 ) -> IdentityServer:
+    """The server; with ``local_agent`` entries default to the in-process agent as parent."""
     if config.trust_domain is None:
         raise ConfigError(
             "trust_domain is not set; pass --trust-domain, set MESHWARD_TRUST_DOMAIN or put "
@@ -116,7 +122,8 @@ def build_identity_server(
     admin = IdentityAdmin(
         db=db,
         ca=ca,
-        default_parent_id=f"{trust_domain.as_spiffe_id()}/meshward/server",
+        default_parent_id=f"{trust_domain.as_spiffe_id()}/meshward/"
+        + ("agent/local" if local_agent else "server"),
         clock=clock,
     )
     metrics.watch(
@@ -138,28 +145,36 @@ class _Server(uvicorn.Server):
 class Listeners:
     admin: socket.socket
     health: socket.socket | None
+    agent: socket.socket | None
 
     def close(self, config: Config) -> None:
-        for sock in (self.admin, self.health):
+        for sock in (self.admin, self.health, self.agent):
             if sock is not None:
                 sock.close()
         config.admin_socket.unlink(missing_ok=True)
+        if self.agent is not None:
+            config.agent_socket.unlink(missing_ok=True)
 
 
-def bind_listeners(config: Config) -> Listeners:
+def bind_listeners(config: Config, *, agent: bool) -> Listeners:
     """Bind every socket before anything else starts, so a busy port or a bad path fails fast.
 
-    Binding here rather than in uvicorn also makes those a ConfigError naming the setting,
-    not a traceback from inside the event loop.
+    Binding here rather than in uvicorn or grpc also makes those a ConfigError naming the
+    setting, not a traceback from inside the event loop.
     """
-    admin = _listen_unix(config.admin_socket)
-    try:
-        health = _listen_tcp(config.server.health_listen) if config.server.health_listen else None
-    except ConfigError:
-        admin.close()
-        config.admin_socket.unlink(missing_ok=True)
-        raise
-    return Listeners(admin=admin, health=health)
+    with contextlib.ExitStack() as undo:
+        admin = _listen_unix(config.admin_socket, private=True, setting="server.admin_socket")
+        undo.callback(admin.close)
+        undo.callback(config.admin_socket.unlink, missing_ok=True)
+        health = None
+        if config.server.health_listen:
+            health = _listen_tcp(config.server.health_listen)
+            undo.callback(health.close)
+        agent_sock = None
+        if agent:
+            agent_sock = _listen_unix(config.agent_socket, private=False, setting="agent.socket")
+        undo.pop_all()
+    return Listeners(admin=admin, health=health, agent=agent_sock)
 
 
 async def serve(server: IdentityServer, listeners: Listeners) -> None:
@@ -179,27 +194,64 @@ async def serve(server: IdentityServer, listeners: Listeners) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
-    rotation = asyncio.create_task(_rotate_forever(server))
+    tasks = [asyncio.create_task(_rotate_forever(server))]
+    endpoints = None
+    if listeners.agent is not None:
+        endpoints, agent = _local_agent(server)
+        await agent.sync()
+        await endpoints.start(listeners.agent)
+        tasks.append(asyncio.create_task(agent.run()))
     log.info(
-        "meshward server: trust domain %s, admin API on %s, health on %s",
+        "meshward %s: trust domain %s, admin API on %s, health on %s%s",
+        "up" if endpoints else "server",
         server.ca.trust_domain.name,
         config.admin_socket,
         config.server.health_listen or "(off)",
+        f", agent on unix://{config.agent_socket}" if endpoints else "",
     )
     try:
         await asyncio.gather(*(s.serve(sockets=[sock]) for s, sock in servers))
     finally:
-        rotation.cancel()
+        for task in tasks:
+            task.cancel()
+        if endpoints is not None:
+            await endpoints.stop()
         server.ca.close()
         server.db.dispose()
 
 
-def run(config: Config) -> None:
-    """Bind, build and serve until SIGINT/SIGTERM."""
+def _local_agent(server: IdentityServer) -> tuple[AgentEndpoints, Agent]:
+    """The agent of ``meshward up``: same process, signing with the CA directly."""
+    config = server.config
+    cache = WorkloadCache(server.ca.bundle)
+    agent = Agent(
+        backend=LocalBackend(
+            admin=server.admin, agent_id=server.admin.default_parent_id, clock=server.clock
+        ),
+        cache=cache,
+        clock=server.clock,
+    )
+    endpoints = AgentEndpoints(
+        socket=config.agent_socket,
+        private_dir=config.data_dir / "agent",
+        attestors=[
+            UnixAttestor(
+                discover_workload_path=config.agent.discover_workload_path,
+                workload_size_limit=config.agent.workload_size_limit,
+            )
+        ],
+        source=cache,
+        sign_jwt=agent.sign_jwt_svid,
+    )
+    return endpoints, agent
+
+
+def run(config: Config, *, agent: bool = False) -> None:
+    """Bind, build and serve until SIGINT/SIGTERM; with ``agent`` also the local agent."""
     prepare_data_dir(config.data_dir)
-    listeners = bind_listeners(config)
+    listeners = bind_listeners(config, agent=agent)
     try:
-        server = build_identity_server(config)
+        server = build_identity_server(config, local_agent=agent)
         asyncio.run(serve(server, listeners))
     finally:
         listeners.close(config)
@@ -216,10 +268,13 @@ async def _rotate_forever(server: IdentityServer) -> None:
             log.exception("ca: rotation failed")
 
 
-def _listen_unix(path: Path) -> socket.socket:
-    """Listen on the admin socket inside a private (0700) directory; refuse a live socket."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
+def _listen_unix(path: Path, *, private: bool, setting: str) -> socket.socket:
+    """Listen on a Unix socket; a private one sits in a 0700 directory. Refuse a live socket."""
+    if private:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o700)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         probe = socket.socket(socket.AF_UNIX)
         try:
@@ -228,7 +283,8 @@ def _listen_unix(path: Path) -> socket.socket:
             path.unlink()
         else:
             raise ConfigError(
-                f"another meshward server is already listening on {path}; stop it or use another --data-dir"
+                f"another meshward server is already listening on {path}; stop it or use "
+                "another --data-dir"
             )
         finally:
             probe.close()
@@ -238,10 +294,11 @@ def _listen_unix(path: Path) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise ConfigError(
-            f"cannot listen on the admin socket {path} ({exc.strerror or exc}); a socket path "
-            "is at most 107 bytes, so use a shorter --data-dir or set server.admin_socket"
+            f"cannot listen on {path} ({exc.strerror or exc}); a socket path is at most "
+            f"107 bytes, so use a shorter --data-dir or set {setting}"
         ) from exc
-    os.chmod(path, 0o600)
+    if private:
+        os.chmod(path, 0o600)
     sock.listen(128)
     return sock
 

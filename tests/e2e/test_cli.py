@@ -32,7 +32,8 @@ from tests.e2e.processes import (
 )
 
 TD = TrustDomain("example.org")
-DEFAULT_PARENT = "spiffe://example.org/meshward/server"
+# `meshward up` runs the agent in-process: entries without --parent-id belong to it.
+DEFAULT_PARENT = "spiffe://example.org/meshward/agent/local"
 
 
 @pytest.fixture(scope="module")
