@@ -95,10 +95,21 @@ class ServerConfig(_Section):
         return value
 
 
+class K8sAttestorConfig(_Section):
+    kubelet_host: str = "127.0.0.1"
+    kubelet_port: int = 10250
+    kubelet_ca_path: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")
+    skip_kubelet_verification: bool = False
+    token_path: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    max_poll_attempts: int = 20
+    poll_retry_interval: Duration = timedelta(milliseconds=500)
+
+
 class AgentConfig(_Section):
     socket: Path | None = None  # default <data_dir>/agent.sock; SPIFFE_ENDPOINT_SOCKET for clients
     discover_workload_path: bool = False  # unix:path and unix:sha256 selectors
     workload_size_limit: int = 128 * 1024 * 1024  # bytes hashed at most for unix:sha256
+    k8s: K8sAttestorConfig | None = None  # set (even to {}) to attest pods through the kubelet
 
 
 class Config(_Section):

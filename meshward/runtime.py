@@ -25,12 +25,14 @@ from identity.agent import Agent
 from identity.agent_endpoints import AgentEndpoints
 from identity.authority import CASettings, CertificateAuthority
 from identity.health_api import health_router
+from identity.k8s_attestor import K8sAttestor
 from identity.local_backend import LocalBackend
 from identity.metrics import IdentityMetrics
 from identity.spiffeid import parse_trust_domain
 from identity.store.database import Database, sqlite_url
 from identity.unix_attestor import UnixAttestor
 from identity.upstream import load_upstream
+from identity.workload_attestation import ProcessAttestor
 from identity.workload_cache import WorkloadCache
 from meshward.config import Config, ConfigError
 
@@ -234,16 +236,29 @@ def _local_agent(server: IdentityServer) -> tuple[AgentEndpoints, Agent]:
     endpoints = AgentEndpoints(
         socket=config.agent_socket,
         private_dir=config.data_dir / "agent",
-        attestors=[
-            UnixAttestor(
-                discover_workload_path=config.agent.discover_workload_path,
-                workload_size_limit=config.agent.workload_size_limit,
-            )
-        ],
+        attestors=_attestors(config),
         source=cache,
         sign_jwt=agent.sign_jwt_svid,
     )
     return endpoints, agent
+
+
+def _attestors(config: Config) -> list[ProcessAttestor]:
+    attestors: list[ProcessAttestor] = [
+        UnixAttestor(
+            discover_workload_path=config.agent.discover_workload_path,
+            workload_size_limit=config.agent.workload_size_limit,
+        )
+    ]
+    k8s = config.agent.k8s
+    if k8s is not None:
+        attestors.append(
+            K8sAttestor(
+                **k8s.model_dump(exclude={"poll_retry_interval"}),
+                poll_retry_interval=k8s.poll_retry_interval.total_seconds(),
+            )
+        )
+    return attestors
 
 
 def run(config: Config, *, agent: bool = False) -> None:
