@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `make demo`: start `meshward up` on a fresh data dir, register a workload, mint its
-# X509-SVID and a JWT-SVID, show them and the CA, then stop the server.
+# `make demo`: start `meshward up` (server + agent) on a fresh data dir, register a
+# workload, mint its X509-SVID and a JWT-SVID, fetch them as that workload through the
+# agent's Workload API with py-spiffe, show the bundle, then stop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 meshward=.venv/bin/meshward
@@ -46,6 +47,28 @@ import jwt
 token = sys.argv[1]
 print("header:", json.dumps(jwt.get_unverified_header(token)))
 print("claims:", json.dumps(jwt.decode(token, options={"verify_signature": False})))
+PY
+
+step "a py-spiffe application fetches its identity from the agent: SPIFFE_ENDPOINT_SOCKET=unix://$data_dir/agent.sock"
+# The entry above selects unix:uid:$(id -u): this very process, attested by the agent.
+SPIFFE_ENDPOINT_SOCKET="unix://$data_dir/agent.sock" .venv/bin/python - <<'PY'
+import time
+from spiffe import WorkloadApiClient
+from spiffe.workloadapi.errors import FetchX509SvidError
+
+with WorkloadApiClient(default_timeout=5) as client:
+    for _ in range(50):  # the agent picks new entries up within a second
+        try:
+            svid = client.fetch_x509_svid()
+            break
+        except FetchX509SvidError:
+            time.sleep(0.1)
+    else:
+        raise SystemExit("the agent gave this process no SVID")
+    print(f"X509-SVID {svid.spiffe_id}, serial {svid.leaf.serial_number:x}, key made by the agent")
+    token = client.fetch_jwt_svid({"reviews"})
+    client.validate_jwt_svid(token.token, "reviews")
+    print(f"JWT-SVID for {token.spiffe_id}, validated by the agent for audience 'reviews'")
 PY
 
 step "meshward bundle show --format jwks"
