@@ -38,6 +38,7 @@ class PeerFront:
         self._peers: dict[str, Peer] = {}
         self._ids = itertools.count(1)
         self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def lookup(self, grpc_peer: str) -> Peer | None:
         """The caller behind a grpcio ``context.peer()`` string, or None if it bypassed the front."""
@@ -62,12 +63,26 @@ class PeerFront:
         os.chmod(self.listen, 0o666)  # noqa: S103 - deliberate, see above
 
     async def close(self) -> None:
+        """Stop accepting, end every open connection, and wait until they are closed."""
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
             self.listen.unlink(missing_ok=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._relay(reader, writer)
+        finally:
+            self._tasks.discard(task)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             peer = peer_of(writer.get_extra_info("socket"), self._proc)
         except (AttestationError, OSError) as exc:
@@ -94,6 +109,9 @@ class PeerFront:
             self._forget(tag)
             for w in (writer, up_writer):
                 w.close()
+            for w in (writer, up_writer):
+                with contextlib.suppress(OSError, asyncio.CancelledError):
+                    await w.wait_closed()
 
     def _forget(self, tag: str) -> None:
         self._peers.pop(tag, None)
