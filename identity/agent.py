@@ -81,6 +81,7 @@ class Agent:
         self._revision: object = None
         self._entries: tuple[Entry, ...] = ()
         self._bundle: TrustBundle | None = None
+        self._live: set[str] = set()
 
     async def run(self) -> None:
         while True:
@@ -96,15 +97,21 @@ class Agent:
             log.warning(
                 "agent: sync with the server failed (%s); retrying in %.1fs", exc, self._backoff
             )
-            self._drop_expired()
+            if self._drop_expired():
+                self.cache.update(svids=self._svids)
         else:
             self._backoff = self._interval
         return self._backoff
 
     async def sync(self) -> None:
-        """One pass: entries and bundle if they changed, then every SVID that is due."""
+        """One pass: entries and bundle if they changed, then every SVID that is due.
+
+        The cache (and through it every open stream) is only touched when something
+        changed: with many streams open, an idle tick must cost next to nothing.
+        """
         revision = await self._backend.revision()
-        if revision != self._revision:
+        changed = revision != self._revision
+        if changed:
             self._entries = tuple(await self._backend.entries())
             bundle = await self._backend.bundle()
             if self._bundle is None or bundle.sequence != self._bundle.sequence:
@@ -121,8 +128,10 @@ class Agent:
                 self._store(request, chain, signed_at)
         for gone in set(self._svids) - set(live):
             self._forget(gone)
-        self._drop_expired()
-        self.cache.update(entries=live.values(), svids=self._svids, bundle=self._bundle)
+        dropped = self._drop_expired()
+        if changed or due or dropped or set(live) != self._live:
+            self._live = set(live)
+            self.cache.update(entries=live.values(), svids=self._svids, bundle=self._bundle)
 
     async def sign_jwt_svid(self, *, spiffe_id: str, audience: tuple[str, ...]) -> str:
         return await self._backend.sign_jwt_svid(spiffe_id=spiffe_id, audience=audience)
@@ -160,14 +169,17 @@ class Agent:
         self._renew_at.pop(entry_id, None)
         self._signed_for.pop(entry_id, None)
 
-    def _drop_expired(self) -> None:
+    def _drop_expired(self) -> bool:
+        """Forget SVIDs past their NotAfter; True if there were any."""
         now = self._clock()
-        for entry_id, svid in list(self._svids.items()):
-            if svid.leaf.not_valid_after_utc <= now:
-                log.warning("agent: SVID for %s expired before it could be renewed", svid.spiffe_id)
-                self._forget(entry_id)
-        if self._bundle is not None:
-            self.cache.update(svids=self._svids)
+        expired = [k for k, svid in self._svids.items() if svid.leaf.not_valid_after_utc <= now]
+        for entry_id in expired:
+            log.warning(
+                "agent: SVID for %s expired before it could be renewed",
+                self._svids[entry_id].spiffe_id,
+            )
+            self._forget(entry_id)
+        return bool(expired)
 
 
 def _signing_inputs(entry: Entry) -> tuple[object, ...]:

@@ -1,4 +1,4 @@
-"""The agent socket: Workload API (and, registered by the caller, SDS) with health and reflection.
+"""The agent socket: SPIFFE Workload API and Envoy SDS, with gRPC health and reflection.
 
 Workloads connect to ``socket`` (reachable by any user); the grpc.aio server itself
 listens inside ``private_dir`` (0700) behind a :class:`PeerFront`, so every call is
@@ -9,26 +9,26 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
+from envoy.service.secret.v3 import sds_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 
 from identity.peer_front import PeerFront
+from identity.sds import SecretDiscoveryServicer, add_sds_servicer
 from identity.workload_api import JwtSigner, WorkloadAPI
 from identity.workload_attestation import ProcessAttestor, WorkloadAttestor
 from identity.workload_cache import WorkloadSource
 
-__all__ = ["AgentEndpoints", "ServicerHook"]
-
-# Registers further services (SDS) on the server; returns their full names for reflection.
-ServicerHook = Callable[[grpc.aio.Server, WorkloadAttestor], Sequence[str]]
+__all__ = ["AgentEndpoints"]
 
 _WORKLOAD_SERVICE = workload_pb2.DESCRIPTOR.services_by_name["SpiffeWorkloadAPI"].full_name
+_SDS_SERVICE = sds_pb2.DESCRIPTOR.services_by_name["SecretDiscoveryService"].full_name
 
 
 class AgentEndpoints:
@@ -40,7 +40,7 @@ class AgentEndpoints:
         attestors: Sequence[ProcessAttestor],
         source: WorkloadSource,
         sign_jwt: JwtSigner,
-        hooks: Sequence[ServicerHook] = (),
+        disable_spiffe_cert_validation: bool = False,
     ) -> None:
         self.socket = socket
         self._private_dir = private_dir
@@ -49,7 +49,9 @@ class AgentEndpoints:
         self.attestor = WorkloadAttestor(self.front, attestors)
         self._source = source
         self._sign_jwt = sign_jwt
-        self._hooks = tuple(hooks)
+        self.sds = SecretDiscoveryServicer(
+            self.attestor, source, disable_spiffe_cert_validation=disable_spiffe_cert_validation
+        )
         self._server: grpc.aio.Server | None = None
         self.health = health_aio.HealthServicer()
 
@@ -63,9 +65,8 @@ class AgentEndpoints:
             WorkloadAPI(attestor=self.attestor, source=self._source, sign_jwt=self._sign_jwt),
             server,
         )
-        names = [_WORKLOAD_SERVICE]
-        for hook in self._hooks:
-            names.extend(hook(server, self.attestor))
+        add_sds_servicer(self.sds, server)
+        names = [_WORKLOAD_SERVICE, _SDS_SERVICE]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
         names.append(reflection.SERVICE_NAME)

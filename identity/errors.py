@@ -8,16 +8,21 @@ applies, the ``field`` it is about, so the admin API and the CLI can show it as 
     │   ├── InvalidSpiffeIdError
     │   ├── InvalidSelectorError
     │   ├── InvalidTTLError
-    │   └── InvalidCSRError
+    │   ├── InvalidCSRError
+    │   └── WrongTypeError         an xDS request for a type this service does not serve
     ├── NotFoundError              no such entry / token
     ├── ConflictError              the change would duplicate something stored
     ├── AttestationError           the caller's process could not be identified
+    ├── NotEntitledError           SDS resources the caller's attestation does not cover
+    ├── ValidatorUnavailableError  a validation context the caller's Envoy cannot take
     ├── UpstreamAuthorityError     upstream CA files unusable
     ├── CAUnavailableError         no usable signing authority
     └── StoreError                 database unreachable or failing
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 __all__ = [
     "AttestationError",
@@ -29,9 +34,12 @@ __all__ = [
     "InvalidSelectorError",
     "InvalidSpiffeIdError",
     "InvalidTTLError",
+    "NotEntitledError",
     "NotFoundError",
     "StoreError",
     "UpstreamAuthorityError",
+    "ValidatorUnavailableError",
+    "WrongTypeError",
 ]
 
 
@@ -76,6 +84,30 @@ class ConflictError(IdentityError):
 
 class AttestationError(IdentityError):
     code = "attestation_failed"
+
+
+class NotEntitledError(IdentityError):
+    """The caller asked for SDS resources its attestation does not entitle it to."""
+
+    code = "sds_not_entitled"
+
+    def __init__(self, names: Sequence[str], *, allowed: str) -> None:
+        self.names = tuple(sorted(names))
+        super().__init__(
+            "the caller is not entitled to the SDS resource(s) "
+            + ", ".join(repr(n) for n in self.names)
+            + f"; it may ask for {allowed}"
+        )
+
+
+class ValidatorUnavailableError(IdentityError):
+    code = "sds_validator_unavailable"
+
+
+class WrongTypeError(InvalidInputError):
+    """The request is for another resource type than this service serves."""
+
+    code = "wrong_type_url"
 
 
 class UpstreamAuthorityError(IdentityError):

@@ -23,10 +23,13 @@ from pathlib import Path
 from identity.errors import AttestationError
 from identity.peers import PROC, Peer, peer_of
 
-__all__ = ["PeerFront"]
+__all__ = ["BACKLOG", "PeerFront"]
 
 log = logging.getLogger(__name__)
 _CHUNK = 64 * 1024
+# asyncio's default of 100 refuses all but the first hundred workloads that reconnect at
+# once after an agent restart (bench/fanout.py --burst); the kernel caps it at somaxconn.
+BACKLOG = 4096
 
 
 class PeerFront:
@@ -56,7 +59,9 @@ class PeerFront:
             stale.unlink()
         if sock is None:
             self.listen.unlink(missing_ok=True)
-            self._server = await asyncio.start_unix_server(self._serve, path=str(self.listen))
+            self._server = await asyncio.start_unix_server(
+                self._serve, path=str(self.listen), backlog=BACKLOG
+            )
         else:
             self._server = await asyncio.start_unix_server(self._serve, sock=sock)
         # Any local user may connect: what a caller gets depends only on its attestation.

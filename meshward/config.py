@@ -110,6 +110,9 @@ class AgentConfig(_Section):
     discover_workload_path: bool = False  # unix:path and unix:sha256 selectors
     workload_size_limit: int = 128 * 1024 * 1024  # bytes hashed at most for unix:sha256
     k8s: K8sAttestorConfig | None = None  # set (even to {}) to attest pods through the kubelet
+    # SDS validation contexts as plain trusted_ca instead of Envoy's SPIFFE validator
+    # (an Envoy can also ask for that in its node metadata, as with SPIRE).
+    disable_spiffe_cert_validation: bool = False
 
 
 class Config(_Section):

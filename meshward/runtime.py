@@ -28,6 +28,7 @@ from identity.health_api import health_router
 from identity.k8s_attestor import K8sAttestor
 from identity.local_backend import LocalBackend
 from identity.metrics import IdentityMetrics
+from identity.peer_front import BACKLOG
 from identity.spiffeid import parse_trust_domain
 from identity.store.database import Database, sqlite_url
 from identity.unix_attestor import UnixAttestor
@@ -239,6 +240,7 @@ def _local_agent(server: IdentityServer) -> tuple[AgentEndpoints, Agent]:
         attestors=_attestors(config),
         source=cache,
         sign_jwt=agent.sign_jwt_svid,
+        disable_spiffe_cert_validation=config.agent.disable_spiffe_cert_validation,
     )
     return endpoints, agent
 
@@ -314,7 +316,7 @@ def _listen_unix(path: Path, *, private: bool, setting: str) -> socket.socket:
         ) from exc
     if private:
         os.chmod(path, 0o600)
-    sock.listen(128)
+    sock.listen(BACKLOG)
     return sock
 
 

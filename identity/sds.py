@@ -1,0 +1,397 @@
+"""Envoy SDS (``envoy.service.secret.v3.SecretDiscoveryService``) on the agent socket.
+
+Resource names are SPIRE's, so Envoy configs written for SPIRE work unchanged:
+
+=====================  =============================================================
+``default``            the caller's first SVID (TLS certificate)
+``ROOTCA``             the local trust bundle (validation context)
+``ALL``                every bundle, local and federated (validation context)
+a SPIFFE ID            that SVID, when the caller is entitled to it
+``spiffe://<td>``      that trust domain's bundle (local or federated)
+no names (wildcard)    every bundle under its trust domain ID and every SVID under its ID
+=====================  =============================================================
+
+Validation contexts use Envoy's SPIFFE certificate validator
+(``envoy.tls.cert_validator.spiffe``), one trust domain entry per bundle, so a CA of
+one trust domain cannot vouch for IDs of another. Like SPIRE, an Envoy opts out per node
+with the node metadata ``disable_spiffe_cert_validation: true`` (a bool, or a string Go's
+``strconv.ParseBool`` accepts; other values are ignored), the agent may opt out for all,
+and Envoy older than 1.18 (no SPIFFE validator) gets plain ``trusted_ca`` too. ``ALL``
+then fails: merging several trust domains' roots into one ``trusted_ca`` would drop that
+separation, so, as in SPIRE, it is refused.
+
+The servicer is the transport edge: it attests the caller once per call, subscribes,
+and feeds requests and updates to the protocol state in :mod:`identity.xds`. It picks
+every gRPC status (STYLE point 3); the rendering below raises typed errors only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+from cryptography.hazmat.primitives import serialization
+from envoy.config.core.v3 import base_pb2, extension_pb2
+from envoy.extensions.transport_sockets.tls.v3 import (
+    common_pb2,
+    secret_pb2,
+    tls_spiffe_validator_config_pb2,
+)
+from envoy.service.discovery.v3 import discovery_pb2
+from envoy.service.secret.v3 import sds_pb2_grpc
+
+from identity.bundle import TrustBundle
+from identity.errors import (
+    AttestationError,
+    IdentityError,
+    NotEntitledError,
+    ValidatorUnavailableError,
+    WrongTypeError,
+)
+from identity.workload_attestation import CallerAttestor
+from identity.workload_cache import Subscription, WorkloadSource, WorkloadSvid, WorkloadUpdate
+from identity.xds import (
+    SECRET_TYPE_URL,
+    DeltaStream,
+    Render,
+    SotwStream,
+    check_type,
+    collection_version,
+)
+
+__all__ = [
+    "ALL_BUNDLES",
+    "DEFAULT_BUNDLE",
+    "DEFAULT_SVID",
+    "SPIFFE_VALIDATOR",
+    "SdsStats",
+    "SecretDiscoveryServicer",
+    "add_sds_servicer",
+    "render_secrets",
+    "spiffe_validation",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SVID = "default"
+DEFAULT_BUNDLE = "ROOTCA"
+ALL_BUNDLES = "ALL"
+SPIFFE_VALIDATOR = "envoy.tls.cert_validator.spiffe"
+DISABLE_SPIFFE_KEY = "disable_spiffe_cert_validation"
+
+# -- rendering (pure) ---------------------------------------------------------------------
+
+
+def spiffe_validation(node: base_pb2.Node, *, disabled_by_default: bool = False) -> bool:
+    """Whether validation contexts for this Envoy use the SPIFFE validator (SPIRE's rule)."""
+    disabled = disabled_by_default
+    value = node.metadata.fields.get(DISABLE_SPIFFE_KEY)
+    if value is not None:
+        override = _parse_bool(value)
+        if override is not None:
+            disabled = override
+    if node.HasField("user_agent_build_version"):
+        version = node.user_agent_build_version.version
+        if (version.major_number, version.minor_number) < (1, 18):
+            return False  # the SPIFFE validator arrived in Envoy 1.18
+    return not disabled
+
+
+def _parse_bool(value: Any) -> bool | None:
+    kind = value.WhichOneof("kind")
+    if kind == "bool_value":
+        return bool(value.bool_value)
+    if kind == "string_value":
+        return {
+            **dict.fromkeys(("1", "t", "T", "TRUE", "true", "True"), True),
+            **dict.fromkeys(("0", "f", "F", "FALSE", "false", "False"), False),
+        }.get(value.string_value)
+    return None
+
+
+def render_secrets(
+    names: Sequence[str], update: WorkloadUpdate, *, spiffe_validator: bool = True
+) -> dict[str, secret_pb2.Secret]:
+    """Resolve SDS resource names for one caller; raise NotEntitledError for the rest."""
+    local_id = _td_id(update.bundle)
+    bundles: dict[str, TrustBundle] = {local_id: update.bundle}
+    for bundle in update.federated.values():
+        bundles.setdefault(_td_id(bundle), bundle)
+    svids: dict[str, WorkloadSvid] = {}
+    for svid in update.svids:
+        svids.setdefault(svid.spiffe_id, svid)
+    validation = partial(_validation_context, spiffe_validator=spiffe_validator)
+
+    if not names:
+        everything = {td_id: validation(td_id, [b]) for td_id, b in sorted(bundles.items())}
+        everything.update((sid, _tls_certificate(sid, svid)) for sid, svid in svids.items())
+        return everything
+
+    out: dict[str, secret_pb2.Secret] = {}
+    refused: list[str] = []
+    for name in dict.fromkeys(names):
+        if name == DEFAULT_SVID and update.svids:
+            out[name] = _tls_certificate(name, update.svids[0])
+        elif name == DEFAULT_BUNDLE:
+            out[name] = validation(name, [update.bundle])
+        elif name == ALL_BUNDLES:
+            if not spiffe_validator:
+                raise ValidatorUnavailableError(
+                    f"{ALL_BUNDLES!r} needs Envoy's SPIFFE certificate validator, which this "
+                    f"Envoy disabled ({DISABLE_SPIFFE_KEY} in its node metadata, or Envoy "
+                    f"older than 1.18); ask for {DEFAULT_BUNDLE!r} or one 'spiffe://<td>' each"
+                )
+            out[name] = validation(name, [bundles[k] for k in sorted(bundles)])
+        elif name in bundles:
+            out[name] = validation(name, [bundles[name]])
+        elif name in svids:
+            out[name] = _tls_certificate(name, svids[name])
+        else:
+            refused.append(name)
+    if refused:
+        raise NotEntitledError(
+            refused,
+            allowed=f"{DEFAULT_SVID!r}, {DEFAULT_BUNDLE!r}, {ALL_BUNDLES!r}, the SPIFFE IDs of "
+            "its entries, or the IDs of known trust domains",
+        )
+    return out
+
+
+def _td_id(bundle: TrustBundle) -> str:
+    return f"spiffe://{bundle.trust_domain.name}"
+
+
+def _tls_certificate(name: str, svid: WorkloadSvid) -> secret_pb2.Secret:
+    chain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in svid.chain)
+    key = svid.key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return secret_pb2.Secret(
+        name=name,
+        tls_certificate=common_pb2.TlsCertificate(
+            certificate_chain=base_pb2.DataSource(inline_bytes=chain),
+            private_key=base_pb2.DataSource(inline_bytes=key),
+        ),
+    )
+
+
+def _validation_context(
+    name: str, bundles: Sequence[TrustBundle], *, spiffe_validator: bool
+) -> secret_pb2.Secret:
+    if not spiffe_validator:
+        (bundle,) = bundles
+        context = common_pb2.CertificateValidationContext(
+            trusted_ca=base_pb2.DataSource(inline_bytes=bundle.pem())
+        )
+    else:
+        config = tls_spiffe_validator_config_pb2.SPIFFECertValidatorConfig(
+            trust_domains=[
+                tls_spiffe_validator_config_pb2.SPIFFECertValidatorConfig.TrustDomain(
+                    name=b.trust_domain.name,
+                    trust_bundle=base_pb2.DataSource(inline_bytes=b.pem()),
+                )
+                for b in bundles
+            ]
+        )
+        extension = extension_pb2.TypedExtensionConfig(name=SPIFFE_VALIDATOR)
+        extension.typed_config.Pack(config)
+        context = common_pb2.CertificateValidationContext(custom_validator_config=extension)
+    return secret_pb2.Secret(name=name, validation_context=context)
+
+
+# -- the servicer (the edge: attestation, subscription, gRPC status) ---------------------
+
+
+@dataclass(slots=True)
+class SdsStats:
+    """Counters for /metrics and tests; updated on the event loop only."""
+
+    streams: int = 0
+    responses: int = 0
+    nacks: int = 0
+    denied: int = 0
+
+
+_Request = TypeVar("_Request")
+
+
+class SecretDiscoveryServicer:
+    """The three SDS RPCs for grpc.aio; register with :func:`add_sds_servicer`."""
+
+    def __init__(
+        self,
+        attestor: CallerAttestor,
+        source: WorkloadSource,
+        *,
+        disable_spiffe_cert_validation: bool = False,
+    ) -> None:
+        self._attestor = attestor
+        self._source = source
+        self._disable_spiffe = disable_spiffe_cert_validation
+        self.stats = SdsStats()
+
+    async def StreamSecrets(
+        self,
+        requests: AsyncIterator[discovery_pb2.DiscoveryRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        async with self._subscription(context) as subscription:
+            streams: list[SotwStream] = []
+
+            def on_request(
+                request: discovery_pb2.DiscoveryRequest, update: WorkloadUpdate
+            ) -> discovery_pb2.DiscoveryResponse | None:
+                if not streams:  # Envoy sends its node on the first request only
+                    streams.append(SotwStream(self._renderer(request.node)))
+                before = streams[0].nacks
+                try:
+                    return streams[0].on_request(request, update)
+                finally:
+                    self.stats.nacks += streams[0].nacks - before
+
+            def on_update(update: WorkloadUpdate) -> discovery_pb2.DiscoveryResponse | None:
+                return streams[0].on_update(update) if streams else None
+
+            await self._serve(requests, context, subscription, on_request, on_update)
+
+    async def DeltaSecrets(
+        self,
+        requests: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        async with self._subscription(context) as subscription:
+            streams: list[DeltaStream] = []
+
+            def on_request(
+                request: discovery_pb2.DeltaDiscoveryRequest, update: WorkloadUpdate
+            ) -> discovery_pb2.DeltaDiscoveryResponse | None:
+                if not streams:
+                    streams.append(DeltaStream(self._renderer(request.node)))
+                before = streams[0].nacks
+                try:
+                    return streams[0].on_request(request, update)
+                finally:
+                    self.stats.nacks += streams[0].nacks - before
+
+            def on_update(update: WorkloadUpdate) -> discovery_pb2.DeltaDiscoveryResponse | None:
+                return streams[0].on_update(update) if streams else None
+
+            await self._serve(requests, context, subscription, on_request, on_update)
+
+    async def FetchSecrets(
+        self,
+        request: discovery_pb2.DiscoveryRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> discovery_pb2.DiscoveryResponse:
+        async with self._subscription(context) as subscription:
+            try:
+                check_type(request.type_url)
+                resources = self._renderer(request.node)(
+                    tuple(request.resource_names), subscription.latest
+                )
+            except IdentityError as exc:
+                await self._fail(context, exc)
+            self.stats.responses += 1
+            response = discovery_pb2.DiscoveryResponse(
+                version_info=collection_version(resources), type_url=SECRET_TYPE_URL
+            )
+            for secret in resources.values():
+                response.resources.add().Pack(secret)
+            return response
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _renderer(self, node: base_pb2.Node) -> Render:
+        return partial(
+            render_secrets,
+            spiffe_validator=spiffe_validation(node, disabled_by_default=self._disable_spiffe),
+        )
+
+    @contextlib.asynccontextmanager
+    async def _subscription(
+        self, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Subscription]:
+        try:
+            selectors = await self._attestor.attest(context.peer())
+        except AttestationError as exc:
+            self.stats.denied += 1
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"sds: {exc}")
+        subscription = self._source.subscribe(selectors)
+        try:
+            if not subscription.latest.svids:
+                self.stats.denied += 1
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "sds: no registration entry matches this caller "
+                    f"(selectors: {', '.join(sorted(map(str, selectors))) or 'none'})",
+                )
+            self.stats.streams += 1
+            yield subscription
+        finally:
+            subscription.close()
+
+    async def _serve(
+        self,
+        requests: AsyncIterator[_Request],
+        context: grpc.aio.ServicerContext[Any, Any],
+        subscription: Subscription,
+        on_request: Callable[[_Request, WorkloadUpdate], Any],
+        on_update: Callable[[WorkloadUpdate], Any],
+    ) -> None:
+        """Wait for whichever comes first, a request or an update, until the client leaves."""
+        incoming = aiter(requests)
+        seen = subscription.latest.version
+        next_request: asyncio.Future[Any] = asyncio.ensure_future(anext(incoming, None))
+        next_update: asyncio.Future[WorkloadUpdate] = asyncio.ensure_future(
+            subscription.changed(seen)
+        )
+        try:
+            while True:
+                await asyncio.wait((next_request, next_update), return_when=asyncio.FIRST_COMPLETED)
+                response = None
+                try:
+                    if next_request.done():
+                        request = next_request.result()
+                        if request is None:
+                            return  # the client closed its side
+                        next_request = asyncio.ensure_future(anext(incoming, None))
+                        response = on_request(request, subscription.latest)
+                    else:
+                        update = next_update.result()
+                        seen = update.version
+                        next_update = asyncio.ensure_future(subscription.changed(seen))
+                        response = on_update(update)
+                except IdentityError as exc:
+                    await self._fail(context, exc)
+                if response is not None:
+                    await context.write(response)
+                    self.stats.responses += 1
+        finally:
+            for future in (next_request, next_update):
+                future.cancel()
+
+    async def _fail(
+        self, context: grpc.aio.ServicerContext[Any, Any], exc: IdentityError
+    ) -> NoReturn:
+        codes: dict[type[IdentityError], grpc.StatusCode] = {
+            NotEntitledError: grpc.StatusCode.PERMISSION_DENIED,
+            ValidatorUnavailableError: grpc.StatusCode.FAILED_PRECONDITION,
+            WrongTypeError: grpc.StatusCode.INVALID_ARGUMENT,
+        }
+        code = codes.get(type(exc), grpc.StatusCode.INTERNAL)
+        if code is grpc.StatusCode.PERMISSION_DENIED:
+            self.stats.denied += 1
+        log.info("sds: ending the call: %s", exc.message)
+        await context.abort(code, f"sds: {exc.message}")
+
+
+def add_sds_servicer(servicer: SecretDiscoveryServicer, server: grpc.aio.Server) -> None:
+    sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(servicer, server)

@@ -1,0 +1,220 @@
+"""Envoy bootstraps that take their certificates from the meshward agent over SDS.
+
+Pure functions returning dicts (dump them as JSON or YAML); nothing here starts a
+process. The shapes are the ones a SPIRE-era Envoy config uses, so the same bootstrap
+works against either agent: a static gRPC cluster to the agent's Unix socket (HTTP/2),
+``default`` as the TLS certificate, ``ROOTCA`` as the validation context, and the peer's
+SPIFFE ID required by ``match_typed_subject_alt_names``. Meant to move to ``deploy/`` and
+``meshward envoy bootstrap``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "AGENT_CLUSTER",
+    "agent_cluster",
+    "client_bootstrap",
+    "common_tls_context",
+    "sds_secret",
+    "server_bootstrap",
+]
+
+AGENT_CLUSTER = "meshward_agent"
+_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+_ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+_HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+_DOWNSTREAM_TLS = (
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+)
+
+
+def _socket_address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def agent_cluster(agent_socket: Path, *, name: str = AGENT_CLUSTER) -> dict[str, Any]:
+    """The SDS server: gRPC (so HTTP/2) over the agent's Unix socket."""
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _HTTP_OPTIONS,
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": str(agent_socket)}}}}]}
+            ],
+        },
+    }
+
+
+def sds_secret(name: str, *, cluster: str = AGENT_CLUSTER) -> dict[str, Any]:
+    return {
+        "name": name,
+        "sds_config": {
+            "resource_api_version": "V3",
+            # Wait for the secret however long it takes: a workload the agent does not know
+            # must stay unready rather than come up without a certificate after 15 s.
+            "initial_fetch_timeout": "0s",
+            "api_config_source": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": cluster}}],
+            },
+        },
+    }
+
+
+def common_tls_context(
+    *, peer_id: str, svid: str = "default", bundle: str = "ROOTCA"
+) -> dict[str, Any]:
+    """Our SVID and the bundle from SDS; the peer must present ``peer_id``."""
+    return {
+        "tls_certificate_sds_secret_configs": [sds_secret(svid)],
+        "combined_validation_context": {
+            "default_validation_context": {
+                "match_typed_subject_alt_names": [
+                    {"san_type": "URI", "matcher": {"exact": peer_id}}
+                ]
+            },
+            "validation_context_sds_secret_config": sds_secret(bundle),
+        },
+    }
+
+
+def _node(node_id: str, metadata: dict[str, Any] | None) -> dict[str, Any]:
+    node: dict[str, Any] = {"id": node_id, "cluster": "meshward"}
+    if metadata:
+        node["metadata"] = metadata
+    return node
+
+
+def _admin(port: int) -> dict[str, Any]:
+    return {"address": _socket_address("127.0.0.1", port)}
+
+
+def _http_listener(
+    name: str, port: int, route: dict[str, Any], transport_socket: dict[str, Any] | None
+) -> dict[str, Any]:
+    chain: dict[str, Any] = {
+        "filters": [
+            {
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": _HCM,
+                    "stat_prefix": name,
+                    "route_config": {
+                        "virtual_hosts": [
+                            {
+                                "name": "all",
+                                "domains": ["*"],
+                                "routes": [{"match": {"prefix": "/"}, **route}],
+                            }
+                        ]
+                    },
+                    "http_filters": [
+                        {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}}
+                    ],
+                },
+            }
+        ]
+    }
+    if transport_socket is not None:
+        chain["transport_socket"] = transport_socket
+    return {
+        "name": name,
+        "address": _socket_address("127.0.0.1", port),
+        "filter_chains": [chain],
+    }
+
+
+def client_bootstrap(
+    *,
+    node_id: str,
+    agent_socket: Path,
+    upstream_port: int,
+    server_id: str,
+    listen_port: int = 0,
+    admin_port: int = 0,
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Plain HTTP in on ``listen_port``, out over mTLS to ``upstream_port`` (must be ``server_id``)."""
+    upstream = {
+        "name": "upstream",
+        "type": "STATIC",
+        "connect_timeout": "2s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _HTTP_OPTIONS,
+                # One request per upstream connection: every request is a fresh mTLS
+                # handshake, so a rotated certificate is exercised at once.
+                "common_http_protocol_options": {"max_requests_per_connection": 1},
+                "explicit_http_config": {"http_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": "upstream",
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": _socket_address("127.0.0.1", upstream_port)}}
+                    ]
+                }
+            ],
+        },
+        "transport_socket": {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": _UPSTREAM_TLS,
+                "common_tls_context": common_tls_context(peer_id=server_id),
+            },
+        },
+    }
+    return {
+        "node": _node(node_id, metadata),
+        "admin": _admin(admin_port),
+        "static_resources": {
+            "listeners": [
+                _http_listener("outbound", listen_port, {"route": {"cluster": "upstream"}}, None)
+            ],
+            "clusters": [upstream, agent_cluster(agent_socket)],
+        },
+    }
+
+
+def server_bootstrap(
+    *,
+    node_id: str,
+    agent_socket: Path,
+    client_id: str,
+    listen_port: int = 0,
+    admin_port: int = 0,
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """mTLS in on ``listen_port`` from ``client_id`` only, answered with 200 by Envoy itself."""
+    tls = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": _DOWNSTREAM_TLS,
+            "require_client_certificate": True,
+            "common_tls_context": common_tls_context(peer_id=client_id),
+        },
+    }
+    route = {"direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}
+    return {
+        "node": _node(node_id, metadata),
+        "admin": _admin(admin_port),
+        "static_resources": {
+            "listeners": [_http_listener("inbound", listen_port, route, tls)],
+            "clusters": [agent_cluster(agent_socket)],
+        },
+    }
