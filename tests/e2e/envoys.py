@@ -1,0 +1,109 @@
+"""Running real Envoy processes in tests: start, read their admin API, and load them."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+__all__ = ["DEADLINE", "ENVOY", "Envoy", "RequestLoop", "wait_until"]
+
+ENVOY = Path(sys.executable).parent / "envoy"
+DEADLINE = 20.0  # only keeps a broken run from hanging; nothing asserts durations
+
+
+@dataclass
+class Envoy:
+    name: str
+    process: subprocess.Popen[bytes]
+    admin_path: Path
+    log_path: Path
+    _admin: str | None = None
+
+    @property
+    def admin(self) -> str:
+        if self._admin is None:
+            wait_until(
+                lambda: self.admin_path.exists() and self.admin_path.read_text().strip() != "", self
+            )
+            self._admin = f"http://{self.admin_path.read_text().strip()}"
+        return self._admin
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(f"{self.admin}{path}", timeout=5)
+
+    def ready(self) -> bool:
+        return self.get("/ready").status_code == 200
+
+    def serials(self) -> set[int]:
+        certs = self.get("/certs").json().get("certificates", [])
+        return {int(c["serial_number"], 16) for entry in certs for c in entry.get("cert_chain", [])}
+
+    def port(self, listener: str) -> int:
+        statuses = self.get("/listeners?format=json").json()["listener_statuses"]
+        (status,) = [s for s in statuses if s["name"] == listener]
+        return int(status["local_address"]["socket_address"]["port_value"])
+
+    def describe(self) -> str:
+        return (
+            f"envoy {self.name} (exit {self.process.poll()}):\n" + self.log_path.read_text()[-4000:]
+        )
+
+
+def wait_until(condition: Callable[[], bool], *envoys: Envoy) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if condition():
+                return
+        for envoy in envoys:
+            assert envoy.process.poll() is None, envoy.describe()
+        assert time.monotonic() < deadline, "\n".join(e.describe() for e in envoys) or "timed out"
+        time.sleep(0.05)
+
+
+@dataclass
+class RequestLoop:
+    """Steady requests through the client Envoy in a thread, bounded in count and time."""
+
+    url: str
+    limit: int = 5000
+    pause: float = 0.0  # between requests, to spread ``limit`` over a longer run
+    lifetime: float = 3 * DEADLINE
+    ok: int = 0
+    failures: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> RequestLoop:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        assert self._thread is not None
+        self._thread.join(DEADLINE)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.lifetime
+        with httpx.Client(timeout=5) as client:
+            while not self._stop.is_set() and self.ok + len(self.failures) < self.limit:
+                if time.monotonic() > deadline:
+                    break
+                try:
+                    response = client.get(self.url)
+                    if response.status_code == 200:
+                        self.ok += 1
+                    else:
+                        self.failures.append(f"{response.status_code} {response.text[:200]}")
+                except httpx.HTTPError as exc:
+                    self.failures.append(repr(exc))
+                self._stop.wait(self.pause)
