@@ -10,6 +10,8 @@ export MESHWARD_DATA_DIR=$data_dir
 # The health port is picked free at run time so the demo never collides with a running server.
 MESHWARD_SERVER__HEALTH_LISTEN=127.0.0.1:$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 export MESHWARD_SERVER__HEALTH_LISTEN
+# The agent runs inside `up`; no remote agent joins the demo, so the node API stays off.
+export MESHWARD_SERVER__NODE_LISTEN=""
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 

@@ -15,6 +15,7 @@ from identity.spiffeid import parse_spiffe_id, require_member
 
 __all__ = [
     "JWT_TTL_RANGE",
+    "RESERVED_DNS_NAME",
     "X509_TTL_RANGE",
     "Entry",
     "EntrySpec",
@@ -140,8 +141,17 @@ def check_ttl(seconds: float, bounds: tuple[timedelta, timedelta], *, field: str
     return timedelta(seconds=seconds)
 
 
+# The DNS SAN agents pin on the server's own certificate (identity.server_tls): no
+# workload may be given it.
+RESERVED_DNS_NAME = "meshward-server"
+
+
 def check_dns_name(name: str, *, field: str) -> str:
     lowered = name.lower().rstrip(".")
+    if lowered == RESERVED_DNS_NAME:
+        raise InvalidInputError(
+            f"{name!r} is reserved for the meshward server's own certificate", field=field
+        )
     labels = lowered.split(".")
     if labels and labels[0] == "*":
         labels = labels[1:]

@@ -117,9 +117,7 @@ def cli() -> None:
 # -- servers ---------------------------------------------------------------------------
 
 
-def _run_server(config: Config, *, agent: bool = False) -> None:
-    from meshward.runtime import run
-
+def _logging(config: Config) -> None:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -127,6 +125,12 @@ def _run_server(config: Config, *, agent: bool = False) -> None:
     logging.getLogger("alembic.runtime.migration").setLevel(
         max(logging.WARNING, logging.getLogger().level)
     )
+
+
+def _run_server(config: Config, *, agent: bool = False) -> None:
+    from meshward.runtime import run
+
+    _logging(config)
     run(config, agent=agent)
 
 
@@ -181,6 +185,52 @@ def up(
     if config.trust_domain is None:
         config = config.model_copy(update={"trust_domain": UP_TRUST_DOMAIN})
     _run_server(config, agent=True)
+
+
+@cli.command()
+@common
+@click.option("--server-address", help="The server's node API, host:port (default 127.0.0.1:8081).")
+@click.option(
+    "--attestation-address", help="The server's attestation port (default 127.0.0.1:8082)."
+)
+@click.option("--join-token", help="Single-use token from `meshward token generate`.")
+@click.option(
+    "--trust-bundle",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Bundle (PEM) to verify the server at first attestation.",
+)
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
+@handle_errors
+def agent(
+    config_path: Path | None,
+    data_dir: Path | None,
+    output: str,
+    server_address: str | None,
+    attestation_address: str | None,
+    join_token: str | None,
+    trust_bundle: Path | None,
+    log_level: str | None,
+) -> None:
+    """Run a node agent: attest to the server, serve the Workload API and SDS to workloads.
+
+    A restarted agent resumes with the SVID it keeps in <data-dir>/agent/; the join token
+    is needed once.
+    """
+    from meshward.runtime import run_agent
+
+    config = load_config(
+        config_path,
+        flags={
+            "data_dir": data_dir,
+            "log_level": log_level,
+            "agent.server_address": server_address,
+            "agent.attestation_address": attestation_address,
+            "agent.join_token": join_token,
+            "agent.trust_bundle_path": trust_bundle,
+        },
+    )
+    _logging(config)
+    run_agent(config)
 
 
 # -- entries ---------------------------------------------------------------------------

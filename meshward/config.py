@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -81,18 +82,24 @@ class SvidConfig(_Section):
             raise ValueError(exc.message) from exc
 
 
+def _host_port(value: str) -> str:
+    if value:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError(f"{value!r} is not host:port, e.g. 127.0.0.1:8088")
+    return value
+
+
+HostPort = Annotated[str, AfterValidator(_host_port)]
+
+
 class ServerConfig(_Section):
     admin_socket: Path | None = None  # default <data_dir>/admin/admin.sock
-    health_listen: str = "127.0.0.1:8088"  # /live /ready /metrics only; "" turns it off
-
-    @field_validator("health_listen")
-    @classmethod
-    def _listen(cls, value: str) -> str:
-        if value:
-            host, sep, port = value.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-                raise ValueError(f"{value!r} is not host:port, e.g. 127.0.0.1:8088")
-        return value
+    health_listen: HostPort = "127.0.0.1:8088"  # /live /ready /metrics only; "" turns it off
+    node_listen: HostPort = "127.0.0.1:8081"  # node API for agents (mTLS); "" turns it off
+    attestation_listen: HostPort = "127.0.0.1:8082"  # agent attestation (TLS)
+    agent_svid_ttl: Duration = timedelta(hours=1)
+    x509pop_ca_bundle: Path | None = None  # CAs of the x509pop certificates agents present
 
 
 class K8sAttestorConfig(_Section):
@@ -105,8 +112,18 @@ class K8sAttestorConfig(_Section):
     poll_retry_interval: Duration = timedelta(milliseconds=500)
 
 
+class X509PopConfig(_Section):
+    cert_file: Path  # the node's certificate (chain), issued by a CA the server trusts
+    key_file: Path
+
+
 class AgentConfig(_Section):
     socket: Path | None = None  # default <data_dir>/agent.sock; SPIFFE_ENDPOINT_SOCKET for clients
+    server_address: HostPort = "127.0.0.1:8081"  # the server's node_listen
+    attestation_address: HostPort = "127.0.0.1:8082"  # the server's attestation_listen
+    trust_bundle_path: Path | None = None  # bootstrap bundle to verify the server the first time
+    join_token: str | None = None
+    x509pop: X509PopConfig | None = None
     discover_workload_path: bool = False  # unix:path and unix:sha256 selectors
     workload_size_limit: int = 128 * 1024 * 1024  # bytes hashed at most for unix:sha256
     k8s: K8sAttestorConfig | None = None  # set (even to {}) to attest pods through the kubelet

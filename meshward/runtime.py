@@ -15,7 +15,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 import uvicorn
+from cryptography import x509
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
@@ -26,9 +28,13 @@ from identity.agent_endpoints import AgentEndpoints
 from identity.authority import CASettings, CertificateAuthority
 from identity.health_api import health_router
 from identity.k8s_attestor import K8sAttestor
+from identity.keys import load_private_key
 from identity.local_backend import LocalBackend
 from identity.metrics import IdentityMetrics
+from identity.node_api import NodeAPI
+from identity.node_client import AgentIdentity, NodeBackend, attest_join_token, attest_x509pop
 from identity.peer_front import BACKLOG
+from identity.server_tls import ServerTLS
 from identity.spiffeid import parse_trust_domain
 from identity.store.database import Database, sqlite_url
 from identity.unix_attestor import UnixAttestor
@@ -44,6 +50,7 @@ __all__ = [
     "build_identity_server",
     "prepare_data_dir",
     "run",
+    "run_agent",
     "serve",
 ]
 
@@ -197,7 +204,11 @@ async def serve(server: IdentityServer, listeners: Listeners) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
-    tasks = [asyncio.create_task(_rotate_forever(server))]
+    tls: ServerTLS | None = None
+    node_servers: list[grpc.aio.Server] = []
+    if config.server.node_listen:
+        tls, node_servers = await _start_node_api(server)
+    tasks = [asyncio.create_task(_rotate_forever(server, tls))]
     endpoints = None
     if listeners.agent is not None:
         endpoints, agent = _local_agent(server)
@@ -205,11 +216,14 @@ async def serve(server: IdentityServer, listeners: Listeners) -> None:
         await endpoints.start(listeners.agent)
         tasks.append(asyncio.create_task(agent.run()))
     log.info(
-        "meshward %s: trust domain %s, admin API on %s, health on %s%s",
+        "meshward %s: trust domain %s, admin API on %s, health on %s, node API on %s "
+        "(attestation on %s)%s",
         "up" if endpoints else "server",
         server.ca.trust_domain.name,
         config.admin_socket,
         config.server.health_listen or "(off)",
+        config.server.node_listen or "(off)",
+        config.server.attestation_listen,
         f", agent on unix://{config.agent_socket}" if endpoints else "",
     )
     try:
@@ -219,6 +233,8 @@ async def serve(server: IdentityServer, listeners: Listeners) -> None:
             task.cancel()
         if endpoints is not None:
             await endpoints.stop()
+        for grpc_server in node_servers:
+            await grpc_server.stop(1)
         server.ca.close()
         server.db.dispose()
 
@@ -274,15 +290,153 @@ def run(config: Config, *, agent: bool = False) -> None:
         listeners.close(config)
 
 
-async def _rotate_forever(server: IdentityServer) -> None:
+async def _rotate_forever(server: IdentityServer, tls: ServerTLS | None) -> None:
     interval = min(max(server.ca.settings.ttl / 100, timedelta(seconds=1)), timedelta(seconds=10))
     while True:
         await asyncio.sleep(interval.total_seconds())
         try:
-            await asyncio.to_thread(server.ca.rotate, utcnow())
+            await asyncio.to_thread(server.ca.rotate, server.clock())
+            if tls is not None:
+                await asyncio.to_thread(tls.refresh)
         except Exception:
             # Keep serving with the current CA; the next tick retries.
             log.exception("ca: rotation failed")
+
+
+async def _start_node_api(server: IdentityServer) -> tuple[ServerTLS, list[grpc.aio.Server]]:
+    """Attestation (TLS) and node API (mTLS) listeners for remote agents."""
+    config = server.config.server
+    tls = ServerTLS(server.ca, clock=server.clock, ttl=config.agent_svid_ttl)
+    roots: list[x509.Certificate] = []
+    if config.x509pop_ca_bundle is not None:
+        try:
+            roots = x509.load_pem_x509_certificates(config.x509pop_ca_bundle.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"server.x509pop_ca_bundle {config.x509pop_ca_bundle}: no PEM certificates ({exc})"
+            ) from exc
+    api = NodeAPI(
+        admin=server.admin,
+        clock=server.clock,
+        agent_svid_ttl=config.agent_svid_ttl,
+        x509pop_roots=roots,
+    )
+    servers = []
+    for setting, address, handlers, mtls in (
+        ("server.attestation_listen", config.attestation_listen, api.attestation_handlers(), False),
+        ("server.node_listen", config.node_listen, api.agent_handlers(), True),
+    ):
+        grpc_server = grpc.aio.server()
+        grpc_server.add_generic_rpc_handlers((handlers,))
+        try:
+            grpc_server.add_secure_port(address, tls.credentials(require_client_auth=mtls))
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"{setting} {address} cannot be used ({exc}); pick a free port"
+            ) from exc
+        await grpc_server.start()
+        servers.append(grpc_server)
+    return tls, servers
+
+
+def run_agent(config: Config) -> None:
+    """A stand-alone agent: attest (or resume), then serve workloads until SIGINT/SIGTERM."""
+    prepare_data_dir(config.data_dir)
+    sock = _listen_unix(config.agent_socket, private=False, setting="agent.socket")
+    try:
+        asyncio.run(_serve_agent(config, sock))
+    finally:
+        sock.close()
+        config.agent_socket.unlink(missing_ok=True)
+
+
+async def _serve_agent(config: Config, sock: socket.socket) -> None:
+    private = config.data_dir / "agent"
+    private.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(private, 0o700)
+    identity = AgentIdentity.load(private)
+    if identity is None:
+        identity = await _attest(config, private)
+        log.info("agent: attested as %s", identity.agent_id)
+    else:
+        log.info("agent: resuming as %s", identity.agent_id)
+    backend = NodeBackend(address=config.agent.server_address, identity=identity, clock=utcnow)
+    sync = asyncio.create_task(backend.run())
+    while True:
+        try:
+            bundle = await backend.bundle()
+            break
+        except TimeoutError:
+            log.warning("agent: still waiting for the server at %s", config.agent.server_address)
+    cache = WorkloadCache(bundle)
+    agent = Agent(backend=backend, cache=cache, clock=utcnow)
+    endpoints = AgentEndpoints(
+        socket=config.agent_socket,
+        private_dir=private,
+        attestors=_attestors(config),
+        source=cache,
+        sign_jwt=agent.sign_jwt_svid,
+        disable_spiffe_cert_validation=config.agent.disable_spiffe_cert_validation,
+    )
+    await agent.sync()
+    await endpoints.start(sock)
+    log.info("meshward agent %s: workloads on unix://%s", identity.agent_id, config.agent_socket)
+    stopped = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopped.set)
+    agent_task = asyncio.create_task(agent.run())
+    try:
+        await stopped.wait()
+    finally:
+        for task in (agent_task, sync):
+            task.cancel()
+        await endpoints.stop()
+        await backend.close()
+
+
+async def _attest(config: Config, private: Path) -> AgentIdentity:
+    agent = config.agent
+    if agent.trust_bundle_path is None:
+        raise ConfigError(
+            "agent.trust_bundle_path (--trust-bundle) is needed for the first attestation, to "
+            "verify the server: write it with `meshward bundle show --format pem` on the server"
+        )
+    try:
+        bootstrap = agent.trust_bundle_path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read agent.trust_bundle_path: {exc}") from exc
+    try:
+        if agent.join_token:
+            return await attest_join_token(
+                address=agent.attestation_address,
+                bootstrap_bundle=bootstrap,
+                token=agent.join_token,
+                directory=private,
+            )
+        if agent.x509pop is not None:
+            try:
+                chain = agent.x509pop.cert_file.read_bytes()
+                key = load_private_key(agent.x509pop.key_file.read_bytes())
+            except (OSError, ValueError, TypeError) as exc:
+                raise ConfigError(
+                    f"agent.x509pop: cannot load the certificate or key ({exc})"
+                ) from exc
+            return await attest_x509pop(
+                address=agent.attestation_address,
+                bootstrap_bundle=bootstrap,
+                chain_pem=chain,
+                key=key,
+                directory=private,
+            )
+    except grpc.aio.AioRpcError as exc:
+        raise ConfigError(
+            f"attestation to {agent.attestation_address} failed: {exc.details()} ({exc.code().name})"
+        ) from exc
+    raise ConfigError(
+        "no way to attest: pass --join-token (from `meshward token generate`) or configure "
+        "agent.x509pop"
+    )
 
 
 def _listen_unix(path: Path, *, private: bool, setting: str) -> socket.socket:

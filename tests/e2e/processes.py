@@ -51,8 +51,16 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def write_config(path: Path, *, health_port: int, extra: str = "") -> Path:
-    path.write_text(f"server:\n  health_listen: 127.0.0.1:{health_port}\n{extra}")
+def write_config(
+    path: Path, *, health_port: int, node_ports: tuple[int, int] | None = None, extra: str = ""
+) -> Path:
+    """Config with ports picked at run time; the node API is off unless ``node_ports`` is given."""
+    node = (
+        f"  node_listen: 127.0.0.1:{node_ports[0]}\n  attestation_listen: 127.0.0.1:{node_ports[1]}\n"
+        if node_ports
+        else '  node_listen: ""\n'
+    )
+    path.write_text(f"server:\n  health_listen: 127.0.0.1:{health_port}\n{node}{extra}")
     return path
 
 
@@ -194,13 +202,14 @@ def running_server(
     command: str = "up",
     extra: Sequence[str | Path] = (),
     env: dict[str, str] | None = None,
+    node_ports: tuple[int, int] | None = None,
 ) -> Iterator[ServerProcess]:
     """Start a server on ``root/data`` with a health port picked now; stop it at the end.
 
     Keep ``root`` short: the admin socket under it must fit in a Unix socket path.
     """
     port = free_port()
-    config = write_config(root / "meshward.yaml", health_port=port)
+    config = write_config(root / "meshward.yaml", health_port=port, node_ports=node_ports)
     server = ServerProcess(
         args=server_args(command, root / "data", config, extra),
         data_dir=root / "data",
