@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +20,14 @@ import pytest
 
 __all__ = [
     "MESHWARD",
+    "AgentProcess",
     "CliResult",
     "ServerProcess",
+    "agent_env",
     "cli_env",
     "free_port",
     "run_cli",
+    "running_agent",
     "running_server",
     "write_config",
 ]
@@ -221,3 +224,71 @@ def running_server(
         yield server
     finally:
         server.terminate()
+
+
+def agent_env(node_ports: tuple[int, int], **extra: str) -> dict[str, str]:
+    """Environment pointing an agent at a server's node API and attestation ports."""
+    return cli_env(
+        MESHWARD_AGENT__SERVER_ADDRESS=f"127.0.0.1:{node_ports[0]}",
+        MESHWARD_AGENT__ATTESTATION_ADDRESS=f"127.0.0.1:{node_ports[1]}",
+        **extra,
+    )
+
+
+@dataclass
+class AgentProcess(ServerProcess):
+    """A `meshward agent` subprocess; ready once it says it serves workloads on its socket."""
+
+    @property
+    def socket(self) -> Path:
+        return self.data_dir / "agent.sock"
+
+    @property
+    def address(self) -> str:
+        return f"unix://{self.socket}"
+
+    def wait_ready(self, deadline: float = READY_DEADLINE) -> None:
+        until = time.monotonic() + deadline
+        while time.monotonic() < until:
+            code = self.process.poll()
+            if code is not None:
+                pytest.fail(
+                    f"meshward {' '.join(self.args)} exited {code} before it was ready\n"
+                    f"--- stderr\n{self.stderr}"
+                )
+            if "workloads on unix://" in self.stderr and self.socket.exists():
+                return
+            time.sleep(0.05)
+        self.kill()
+        pytest.fail(
+            f"meshward {' '.join(self.args)} was not ready within {deadline}s\n"
+            f"--- stderr\n{self.stderr}"
+        )
+
+
+@contextmanager
+def running_agent(
+    data_dir: Path,
+    *,
+    node_ports: tuple[int, int],
+    extra: Sequence[str | Path] = (),
+    env: Mapping[str, str] | None = None,
+    log_dir: Path | None = None,
+) -> Iterator[AgentProcess]:
+    """Start `meshward agent` on ``data_dir`` against a server's node ports; stop it at the end.
+
+    Keep ``data_dir`` short: the Workload API socket is ``data_dir/agent.sock``. ``env`` adds
+    variables (e.g. MESHWARD_AGENT__X509POP__CERT_FILE); each start wants its own ``log_dir``
+    when an agent is started twice on one data dir.
+    """
+    agent = AgentProcess(
+        args=("agent", "--data-dir", str(data_dir), *(str(a) for a in extra)),
+        data_dir=data_dir,
+        health_port=None,
+        log_dir=log_dir or data_dir.parent / f"{data_dir.name}-logs",
+    ).start(agent_env(node_ports, **(env or {})))
+    try:
+        agent.wait_ready()
+        yield agent
+    finally:
+        agent.terminate()
