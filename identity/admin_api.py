@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from identity.admin import IdentityAdmin
 from identity.authority import Slot
-from identity.entries import Entry, EntrySpec
+from identity.entries import EntrySpec
+from identity.entry_document import EntryDocument
 from identity.errors import (
     CAUnavailableError,
     ConflictError,
@@ -62,40 +63,6 @@ class EntryPatch(_Strict):
     hint: str | None = None
     admin: StrictBool | None = None
     expires_at: datetime | None = None
-
-
-class EntryOut(BaseModel):
-    id: str
-    spiffe_id: str
-    parent_id: str
-    selectors: list[str]
-    x509_svid_ttl: StrictInt | None
-    jwt_svid_ttl: StrictInt | None
-    dns_names: list[str]
-    hint: str
-    admin: bool
-    expires_at: datetime | None
-    revision: int
-    created_at: datetime
-    updated_at: datetime
-
-    @classmethod
-    def of(cls, entry: Entry) -> EntryOut:
-        return cls(
-            id=entry.id,
-            spiffe_id=entry.spiffe_id,
-            parent_id=entry.parent_id,
-            selectors=[str(s) for s in entry.selectors],
-            x509_svid_ttl=entry.x509_svid_ttl,
-            jwt_svid_ttl=entry.jwt_svid_ttl,
-            dns_names=list(entry.dns_names),
-            hint=entry.hint,
-            admin=entry.admin,
-            expires_at=entry.expires_at,
-            revision=entry.revision,
-            created_at=entry.created_at,
-            updated_at=entry.updated_at,
-        )
 
 
 class TokenIn(_Strict):
@@ -227,7 +194,7 @@ def create_admin_app(admin: IdentityAdmin, *, registry: Any, ready: ReadyCheck) 
         )
 
     @app.post("/v1/entries", status_code=201)
-    def create_entry(body: EntryIn) -> EntryOut:
+    def create_entry(body: EntryIn) -> EntryDocument:
         spec = EntrySpec(
             spiffe_id=body.spiffe_id,
             parent_id=body.parent_id or "",
@@ -239,23 +206,23 @@ def create_admin_app(admin: IdentityAdmin, *, registry: Any, ready: ReadyCheck) 
             admin=body.admin,
             expires_at=body.expires_at,
         )
-        return EntryOut.of(admin.create_entry(spec))
+        return EntryDocument.of(admin.create_entry(spec))
 
     @app.get("/v1/entries")
     def list_entries(
         spiffe_id: str | None = None,
         parent_id: str | None = None,
         selector: str | None = None,
-    ) -> list[EntryOut]:
+    ) -> list[EntryDocument]:
         entries = admin.list_entries(spiffe_id=spiffe_id, parent_id=parent_id, selector=selector)
-        return [EntryOut.of(e) for e in entries]
+        return [EntryDocument.of(e) for e in entries]
 
     @app.get("/v1/entries/{entry_id}")
-    def show_entry(entry_id: str) -> EntryOut:
-        return EntryOut.of(admin.get_entry(entry_id))
+    def show_entry(entry_id: str) -> EntryDocument:
+        return EntryDocument.of(admin.get_entry(entry_id))
 
     @app.patch("/v1/entries/{entry_id}")
-    def update_entry(entry_id: str, body: EntryPatch) -> EntryOut:
+    def update_entry(entry_id: str, body: EntryPatch) -> EntryDocument:
         changes: dict[str, Any] = {}
         for name in body.model_fields_set:
             value = getattr(body, name)
@@ -264,11 +231,11 @@ def create_admin_app(admin: IdentityAdmin, *, registry: Any, ready: ReadyCheck) 
             changes[name] = tuple(value) if isinstance(value, list) else value
         if not changes:
             raise InvalidInputError("nothing to update; give at least one field", field="body")
-        return EntryOut.of(admin.update_entry(entry_id, changes))
+        return EntryDocument.of(admin.update_entry(entry_id, changes))
 
     @app.delete("/v1/entries/{entry_id}")
-    def delete_entry(entry_id: str) -> EntryOut:
-        return EntryOut.of(admin.delete_entry(entry_id))
+    def delete_entry(entry_id: str) -> EntryDocument:
+        return EntryDocument.of(admin.delete_entry(entry_id))
 
     @app.post("/v1/join-tokens", status_code=201)
     def generate_token(body: TokenIn) -> TokenOut:

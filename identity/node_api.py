@@ -22,10 +22,17 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
 
 from identity.admin import IdentityAdmin
 from identity.entries import Entry
+from identity.entry_document import EntryDocument
 from identity.errors import (
     AttestationError,
     ConflictError,
@@ -37,7 +44,6 @@ from identity.node_messages import (
     SERVICE,
     AttestJoinTokenRequest,
     AttestResponse,
-    EntryMessage,
     JwtSvidRequest,
     JwtSvidResponse,
     RenewRequest,
@@ -65,6 +71,12 @@ _STATUS: tuple[tuple[type[IdentityError], grpc.StatusCode], ...] = (
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (ConflictError, grpc.StatusCode.ALREADY_EXISTS),
+)
+# Node certificates name a machine, not a web host: as with SPIRE's x509pop (Go's
+# x509.Verify), a subjectAltName is allowed but not required. The verifier still
+# checks the chain, validity and the clientAuth EKU.
+_X509POP_LEAF_POLICY = ExtensionPolicy.webpki_defaults_ee().may_be_present(
+    x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
 )
 
 
@@ -178,6 +190,8 @@ class NodeAPI:
         try:
             PolicyBuilder().store(Store(list(self._x509pop_roots))).time(
                 self._clock()
+            ).extension_policies(
+                ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=_X509POP_LEAF_POLICY
             ).build_client_verifier().verify(chain[0], chain[1:])
         except VerificationError as exc:
             raise AttestationError(f"the x509pop certificate does not verify: {exc}") from exc
@@ -253,7 +267,7 @@ class NodeAPI:
                 if upserted or deleted or bundle_changed or not sent:
                     yield SyncUpdate(
                         revision=revision[0],
-                        upserted=[_entry_message(e) for e in upserted],
+                        upserted=[EntryDocument.of(e) for e in upserted],
                         deleted=deleted,
                         bundle_sequence=bundle.sequence,
                         bundle_pem=bundle.pem().decode() if bundle_changed else None,
@@ -354,24 +368,6 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: IdentityError
     if code is grpc.StatusCode.INTERNAL:
         log.error("node: %s", exc)
     await context.abort(code, str(exc))
-
-
-def _entry_message(entry: Entry) -> EntryMessage:
-    return EntryMessage(
-        id=entry.id,
-        spiffe_id=entry.spiffe_id,
-        parent_id=entry.parent_id,
-        selectors=[str(s) for s in entry.selectors],
-        x509_svid_ttl=entry.x509_svid_ttl,
-        jwt_svid_ttl=entry.jwt_svid_ttl,
-        dns_names=list(entry.dns_names),
-        hint=entry.hint,
-        admin=entry.admin,
-        expires_at=entry.expires_at,
-        revision=entry.revision,
-        created_at=entry.created_at,
-        updated_at=entry.updated_at,
-    )
 
 
 def _certs(pem: str, field: str) -> list[x509.Certificate]:

@@ -44,7 +44,6 @@ from identity.node_messages import (
     SERVICE,
     AttestJoinTokenRequest,
     AttestResponse,
-    EntryMessage,
     JwtSvidRequest,
     JwtSvidResponse,
     RenewRequest,
@@ -57,7 +56,6 @@ from identity.node_messages import (
     decoder,
     encode,
 )
-from identity.selectors import Selector
 from identity.server_tls import SERVER_NAME
 
 __all__ = ["AgentIdentity", "NodeBackend", "attest_join_token", "attest_x509pop"]
@@ -273,7 +271,7 @@ class NodeBackend:
         if replace:
             self._entries = {}
         for message in update.upserted:
-            self._entries[message.id] = _entry(message)
+            self._entries[message.id] = message.to_entry()
         for entry_id in update.deleted:
             self._entries.pop(entry_id, None)
         if update.bundle_pem is not None:
@@ -346,24 +344,6 @@ def _sign(key: PrivateKey, data: bytes) -> bytes:
 def _uri(cert: x509.Certificate) -> str:
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     return str(sans.get_values_for_type(x509.UniformResourceIdentifier)[0])
-
-
-def _entry(message: EntryMessage) -> Entry:
-    return Entry(
-        id=message.id,
-        spiffe_id=message.spiffe_id,
-        parent_id=message.parent_id,
-        selectors=tuple(Selector.parse(s) for s in message.selectors),
-        x509_svid_ttl=message.x509_svid_ttl,
-        jwt_svid_ttl=message.jwt_svid_ttl,
-        dns_names=tuple(message.dns_names),
-        hint=message.hint,
-        admin=message.admin,
-        expires_at=message.expires_at,
-        revision=message.revision,
-        created_at=message.created_at,
-        updated_at=message.updated_at,
-    )
 
 
 def _jwt_authority(jwk: dict[str, Any]) -> JwtAuthority:

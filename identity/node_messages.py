@@ -8,16 +8,16 @@ is an error, not a silent misread.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from identity.entry_document import EntryDocument
 
 __all__ = [
     "SERVICE",
     "AttestJoinTokenRequest",
     "AttestResponse",
-    "EntryMessage",
     "JwtSvidRequest",
     "JwtSvidResponse",
     "RenewRequest",
@@ -66,22 +66,6 @@ class RenewRequest(_Message):
     csr_pem: str
 
 
-class EntryMessage(_Message):
-    id: str
-    spiffe_id: str
-    parent_id: str
-    selectors: list[str]
-    x509_svid_ttl: int | None
-    jwt_svid_ttl: int | None
-    dns_names: list[str]
-    hint: str
-    admin: bool
-    expires_at: datetime | None
-    revision: int
-    created_at: datetime
-    updated_at: datetime
-
-
 class SyncRequest(_Message):
     pass
 
@@ -90,7 +74,7 @@ class SyncUpdate(_Message):
     """What changed since the previous update on this stream (the first one has everything)."""
 
     revision: int
-    upserted: list[EntryMessage]
+    upserted: list[EntryDocument]
     deleted: list[str]
     bundle_sequence: int
     bundle_pem: str | None  # only when the bundle changed
