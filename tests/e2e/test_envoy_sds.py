@@ -8,7 +8,6 @@ bootstrap file on its command line, so each gets its own SVID.
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import subprocess
 import tempfile
@@ -33,7 +32,7 @@ from identity.sds import SecretDiscoveryServicer, add_sds_servicer
 from identity.selectors import Selector
 from identity.workload_cache import WorkloadCache, WorkloadSvid
 from tests.e2e.envoy import client_bootstrap, server_bootstrap
-from tests.e2e.envoys import DEADLINE, ENVOY, Envoy, RequestLoop, wait_until
+from tests.e2e.envoys import DEADLINE, ENVOY, Envoy, RequestLoop, launch, wait_until
 from tests.identity.certs import issue_svid, standalone_ca
 
 CLIENT_ID = "spiffe://example.org/ns/default/sa/client"
@@ -119,30 +118,9 @@ class Mesh:
     envoys: list[Envoy] = field(default_factory=list)
 
     def start(self, name: str, bootstrap: dict[str, Any]) -> Envoy:
-        config = self.root / f"{name}.json"
-        config.write_text(json.dumps(bootstrap, indent=2))
-        self.agent.attestor.roles[str(config)] = name
-        admin_path = self.root / f"{name}.admin"
-        log_path = self.root / f"{name}.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [
-                    str(ENVOY),
-                    "-c",
-                    str(config),
-                    "--admin-address-path",
-                    str(admin_path),
-                    # A base id of its own: Envoys on one host must not share hot-restart memory.
-                    "--use-dynamic-base-id",
-                    "--concurrency",
-                    "1",
-                    "-l",
-                    "warning",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        envoy = Envoy(name, process, admin_path, log_path)
+        # The attestor knows each Envoy by the bootstrap path on its command line.
+        self.agent.attestor.roles[str(self.root / f"{name}.json")] = name
+        envoy = launch(name, bootstrap, self.root, self.root / f"{name}.log")
         self.envoys.append(envoy)
         return envoy
 

