@@ -39,7 +39,6 @@ def launch(
     config = home / f"{name}.json"
     config.write_text(json.dumps(bootstrap, indent=2))
     admin_path = home / f"{name}.admin"
-    ids = {"user": user, "group": user, "extra_groups": []} if user is not None else {}
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [
@@ -58,7 +57,9 @@ def launch(
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=home,
-            **ids,  # type: ignore[arg-type]
+            user=user,
+            group=user,
+            extra_groups=[] if user is not None else None,
         )
     return Envoy(name, process, admin_path, log_path)
 

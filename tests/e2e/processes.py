@@ -286,7 +286,8 @@ def running_agent(
         data_dir=data_dir,
         health_port=None,
         log_dir=log_dir or data_dir.parent / f"{data_dir.name}-logs",
-    ).start(agent_env(node_ports, **(env or {})))
+    )
+    agent.start(agent_env(node_ports, **(env or {})))
     try:
         agent.wait_ready()
         yield agent

@@ -75,10 +75,16 @@ def root() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def server(server_root: Path) -> Iterator[ServerProcess]:
+def ports() -> tuple[int, int]:
+    """The shared server's node API and attestation ports, picked at run time."""
+    return node_ports()
+
+
+@pytest.fixture(scope="module")
+def server(server_root: Path, ports: tuple[int, int]) -> Iterator[ServerProcess]:
     """One `meshward server` for the tests that never stop it; each agent has its own token."""
     with running_server(
-        server_root, command="server", extra=["--trust-domain", TD], node_ports=node_ports()
+        server_root, command="server", extra=["--trust-domain", TD], node_ports=ports
     ) as process:
         yield process
     assert process.process.returncode == 0, process.stderr
@@ -87,16 +93,6 @@ def server(server_root: Path) -> Iterator[ServerProcess]:
 
 def node_ports() -> tuple[int, int]:
     return free_port(), free_port()
-
-
-def ports_of(server: ServerProcess) -> tuple[int, int]:
-    """The node and attestation ports running_server wrote into the server's config."""
-    text = (server.data_dir.parent / "meshward.yaml").read_text()
-    node = re.search(r"node_listen: 127\.0\.0\.1:(\d+)", text)
-    attestation = re.search(r"attestation_listen: 127\.0\.0\.1:(\d+)", text)
-    assert node, text
-    assert attestation, text
-    return int(node.group(1)), int(attestation.group(1))
 
 
 def cli(server: ServerProcess, *args: str | Path) -> CliResult:
@@ -251,7 +247,7 @@ def run_agent(data_dir: Path, ports: tuple[int, int], *args: str | Path, **env: 
 
 
 def test_join_token_agent_serves_x509_and_jwt_svids_and_follows_entry_changes(
-    server: ServerProcess, root: Path
+    server: ServerProcess, ports: tuple[int, int], root: Path
 ) -> None:
     token, agent_id = join_token(server)
     bundle = write_bundle(server, root / "bundle.pem")
@@ -259,7 +255,7 @@ def test_join_token_agent_serves_x509_and_jwt_svids_and_follows_entry_changes(
     with (
         running_agent(
             root / "a",
-            node_ports=ports_of(server),
+            node_ports=ports,
             extra=["--join-token", token, "--trust-bundle", bundle],
         ) as agent,
         workload(agent) as client,
@@ -307,11 +303,10 @@ def test_join_token_agent_serves_x509_and_jwt_svids_and_follows_entry_changes(
 
 
 def test_join_token_is_single_use_and_unknown_tokens_fail(
-    server: ServerProcess, root: Path
+    server: ServerProcess, ports: tuple[int, int], root: Path
 ) -> None:
     token, agent_id = join_token(server)
     bundle = write_bundle(server, root / "bundle.pem")
-    ports = ports_of(server)
     with running_agent(
         root / "a", node_ports=ports, extra=["--join-token", token, "--trust-bundle", bundle]
     ) as agent:
@@ -323,12 +318,11 @@ def test_join_token_is_single_use_and_unknown_tokens_fail(
 
 
 def test_restarted_agent_resumes_without_a_token_and_keeps_its_key_private(
-    server: ServerProcess, root: Path
+    server: ServerProcess, ports: tuple[int, int], root: Path
 ) -> None:
     token, agent_id = join_token(server)
     bundle = write_bundle(server, root / "bundle.pem")
     web = unique_id("web")
-    ports = ports_of(server)
     data_dir = root / "a"
     create_entry(server, web, agent_id)
     with (
@@ -568,30 +562,30 @@ def test_x509pop_agent_attests_with_a_node_certificate_from_the_configured_ca(
 
 
 def test_agent_with_an_unrelated_bootstrap_bundle_fails_with_one_error_line(
-    server: ServerProcess, root: Path
+    server: ServerProcess, ports: tuple[int, int], root: Path
 ) -> None:
     token, _ = join_token(server)
     unrelated = root / "unrelated.pem"
     unrelated.write_bytes(make_ca("unrelated")[0].public_bytes(serialization.Encoding.PEM))
-    result = run_agent(
-        root / "a", ports_of(server), "--join-token", token, "--trust-bundle", unrelated
-    )
+    result = run_agent(root / "a", ports, "--join-token", token, "--trust-bundle", unrelated)
     line = assert_one_error_line(result, "attestation")
     assert re.search(r"tls|handshake|certificate", line, re.IGNORECASE), result.describe()
 
 
 def test_first_start_without_a_trust_bundle_names_the_setting(
-    server: ServerProcess, root: Path
+    server: ServerProcess, ports: tuple[int, int], root: Path
 ) -> None:
     token, _ = join_token(server)
-    result = run_agent(root / "a", ports_of(server), "--join-token", token)
+    result = run_agent(root / "a", ports, "--join-token", token)
     assert_one_error_line(result, "trust_bundle_path")
 
 
 # -- authorization -----------------------------------------------------------------------
 
 
-def test_entries_of_other_agents_never_reach_this_agent(server: ServerProcess, root: Path) -> None:
+def test_entries_of_other_agents_never_reach_this_agent(
+    server: ServerProcess, ports: tuple[int, int], root: Path
+) -> None:
     token, agent_id = join_token(server)
     bundle = write_bundle(server, root / "bundle.pem")
     other_agent = f"spiffe://{TD}/meshward/agent/join_token/{uuid.uuid4()}"
@@ -599,7 +593,7 @@ def test_entries_of_other_agents_never_reach_this_agent(server: ServerProcess, r
     with (
         running_agent(
             root / "a",
-            node_ports=ports_of(server),
+            node_ports=ports,
             extra=["--join-token", token, "--trust-bundle", bundle],
         ) as agent,
         workload(agent) as client,
