@@ -12,7 +12,7 @@ import grpc
 import pytest
 from cryptography.x509.verification import PolicyBuilder, Store
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from spiffe import SpiffeId, TrustDomain, WorkloadApiClient
+from spiffe import JwtSource, SpiffeId, TrustDomain, WorkloadApiClient, X509Source
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 from spiffe.workloadapi.errors import FetchJwtSvidError, FetchX509SvidError, ValidateJwtSvidError
 
@@ -177,3 +177,26 @@ def test_health_service_reports_serving(stack: AgentStack) -> None:
             health_pb2.HealthCheckRequest(service="SpiffeWorkloadAPI"), timeout=10
         )
     assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_x509_source_and_jwt_source_follow_rotation(
+    stack: AgentStack, client: WorkloadApiClient
+) -> None:
+    stack.register(WEB, ME, x509_svid_ttl=4)
+    wait_for(lambda: _context_or_none(client))
+    source = X509Source(socket_path=stack.address, timeout_in_seconds=10)
+    jwt_source = JwtSource(socket_path=stack.address, timeout_in_seconds=10)
+    try:
+        first = source.get_x509_context().default_svid.leaf.serial_number
+        assert str(source.get_x509_context().default_svid.spiffe_id) == WEB
+        assert source.get_bundle_for_trust_domain(TD) is not None
+        # The source's own watch stream delivers the re-signed SVID (4 s TTL: about 2 s).
+        wait_for(
+            lambda: source.get_x509_context().default_svid.leaf.serial_number != first, timeout=15
+        )
+        token = jwt_source.fetch_svid({"reviews"})
+        assert str(token.spiffe_id) == WEB
+        assert jwt_source.get_bundle_for_trust_domain(TD) is not None
+    finally:
+        source.close()
+        jwt_source.close()
