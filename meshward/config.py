@@ -119,6 +119,7 @@ class X509PopConfig(_Section):
 
 class AgentConfig(_Section):
     socket: Path | None = None  # default <data_dir>/agent.sock; SPIFFE_ENDPOINT_SOCKET for clients
+    health_listen: HostPort = "127.0.0.1:8089"  # stand-alone agent: /live /ready /metrics
     server_address: HostPort = "127.0.0.1:8081"  # the server's node_listen
     attestation_address: HostPort = "127.0.0.1:8082"  # the server's attestation_listen
     trust_bundle_path: Path | None = None  # bootstrap bundle to verify the server the first time

@@ -25,6 +25,7 @@ from identity.admin import IdentityAdmin
 from identity.admin_api import create_admin_app
 from identity.agent import Agent
 from identity.agent_endpoints import AgentEndpoints
+from identity.agent_metrics import agent_registry
 from identity.authority import CASettings, CertificateAuthority
 from identity.health_api import health_router
 from identity.k8s_attestor import K8sAttestor
@@ -342,15 +343,29 @@ async def _start_node_api(server: IdentityServer) -> tuple[ServerTLS, list[grpc.
 def run_agent(config: Config) -> None:
     """A stand-alone agent: attest (or resume), then serve workloads until SIGINT/SIGTERM."""
     prepare_data_dir(config.data_dir)
-    sock = _listen_unix(config.agent_socket, private=False, setting="agent.socket")
+    health_sock = (
+        _listen_tcp(config.agent.health_listen, setting="agent.health_listen")
+        if config.agent.health_listen
+        else None
+    )
     try:
-        asyncio.run(_serve_agent(config, sock))
+        sock = _listen_unix(config.agent_socket, private=False, setting="agent.socket")
+    except ConfigError:
+        if health_sock is not None:
+            health_sock.close()
+        raise
+    try:
+        asyncio.run(_serve_agent(config, sock, health_sock))
     finally:
         sock.close()
+        if health_sock is not None:
+            health_sock.close()
         config.agent_socket.unlink(missing_ok=True)
 
 
-async def _serve_agent(config: Config, sock: socket.socket) -> None:
+async def _serve_agent(
+    config: Config, sock: socket.socket, health_sock: socket.socket | None
+) -> None:
     private = config.data_dir / "agent"
     private.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(private, 0o700)
@@ -380,16 +395,29 @@ async def _serve_agent(config: Config, sock: socket.socket) -> None:
     )
     await agent.sync()
     await endpoints.start(sock)
+    health = None
+    if health_sock is not None:
+        app = FastAPI(title="meshward agent health")
+
+        def ready() -> tuple[bool, dict[str, Any]]:
+            return True, {"agent": identity.agent_id, "entries": len(cache.entries)}
+
+        app.include_router(health_router(agent_registry(cache, endpoints.sds.stats), ready))
+        health = _Server(_uvicorn_config(app))
     log.info("meshward agent %s: workloads on unix://%s", identity.agent_id, config.agent_socket)
     stopped = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopped.set)
-    agent_task = asyncio.create_task(agent.run())
+    tasks = [asyncio.create_task(agent.run()), sync]
+    if health is not None and health_sock is not None:
+        tasks.append(asyncio.create_task(health.serve(sockets=[health_sock])))
     try:
         await stopped.wait()
     finally:
-        for task in (agent_task, sync):
+        if health is not None:
+            health.should_exit = True
+        for task in tasks:
             task.cancel()
         await endpoints.stop()
         await backend.close()
@@ -474,13 +502,13 @@ def _listen_unix(path: Path, *, private: bool, setting: str) -> socket.socket:
     return sock
 
 
-def _listen_tcp(address: str) -> socket.socket:
+def _listen_tcp(address: str, *, setting: str = "server.health_listen") -> socket.socket:
     host, _, port = address.rpartition(":")
     try:
         return socket.create_server((host.strip("[]"), int(port)), backlog=128)
     except OSError as exc:
         raise ConfigError(
-            f"server.health_listen {address} cannot be used ({exc.strerror or exc}); pick a "
+            f"{setting} {address} cannot be used ({exc.strerror or exc}); pick a "
             'free port, or set it to "" to turn the health listener off'
         ) from exc
 
