@@ -84,6 +84,10 @@ class PeerFront:
         self._tasks.add(task)
         try:
             await self._relay(reader, writer)
+        except asyncio.CancelledError:
+            # close() ends connections this way; returning (not re-raising) keeps Python
+            # 3.11's stream protocol from logging the cancellation as an error.
+            pass
         finally:
             self._tasks.discard(task)
 

@@ -227,12 +227,17 @@ def running_server(
 
 
 def agent_env(node_ports: tuple[int, int], **extra: str) -> dict[str, str]:
-    """Environment pointing an agent at a server's node API and attestation ports."""
-    return cli_env(
-        MESHWARD_AGENT__SERVER_ADDRESS=f"127.0.0.1:{node_ports[0]}",
-        MESHWARD_AGENT__ATTESTATION_ADDRESS=f"127.0.0.1:{node_ports[1]}",
-        **extra,
-    )
+    """Environment pointing an agent at a server's node API and attestation ports.
+
+    The agent's health listener gets a port picked now (its default is fixed, and two
+    agents, or two test runs, would collide on it).
+    """
+    env = {
+        "MESHWARD_AGENT__SERVER_ADDRESS": f"127.0.0.1:{node_ports[0]}",
+        "MESHWARD_AGENT__ATTESTATION_ADDRESS": f"127.0.0.1:{node_ports[1]}",
+        "MESHWARD_AGENT__HEALTH_LISTEN": f"127.0.0.1:{free_port()}",
+    }
+    return cli_env(**{**env, **extra})
 
 
 @dataclass
