@@ -1,0 +1,55 @@
+"""Errors raised by the authz package.
+
+Every error names what the user must fix; policy load errors carry the file, the
+YAML document index and the field path so ``meshward policy lint`` can print them
+as they are::
+
+    AuthzError
+    └── PolicyLoadError     one or more AuthorizationPolicy documents are invalid
+                            (``issues`` lists every problem found, not just the first)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = ["AuthzError", "PolicyIssue", "PolicyLoadError"]
+
+
+class AuthzError(Exception):
+    """Root of every error the authz package raises on purpose."""
+
+    code = "authz_error"
+
+
+@dataclass(slots=True, frozen=True)
+class PolicyIssue:
+    """One problem in one policy document.
+
+    ``document`` is the 0-based index of the YAML document within ``file``;
+    ``field`` is a path such as ``spec.rules[0].to[0].operation.paths[1]`` (empty
+    when the problem is with the document as a whole, e.g. a YAML syntax error).
+    """
+
+    file: str
+    document: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}[{self.document}]"
+        return (
+            f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+        )
+
+
+class PolicyLoadError(AuthzError):
+    """The policy directory could not be loaded; nothing from it may be served."""
+
+    code = "policy_load_error"
+
+    def __init__(self, issues: Sequence[PolicyIssue]) -> None:
+        self.issues = list(issues)
+        lines = "\n".join(f"  {issue}" for issue in self.issues)
+        super().__init__(f"{len(self.issues)} problem(s) in the Istio policies:\n{lines}")
