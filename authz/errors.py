@@ -5,8 +5,12 @@ YAML document index and the field path so ``meshward policy lint`` can print the
 as they are::
 
     AuthzError
-    └── PolicyLoadError     one or more AuthorizationPolicy documents are invalid
-                            (``issues`` lists every problem found, not just the first)
+    ├── PolicyLoadError     one or more AuthorizationPolicy documents are invalid
+    │                       (``issues`` lists every problem found, not just the first)
+    ├── BadRequestError     a CheckRequest cannot be turned into a request view;
+    │                       ``reason`` names why (``too_many_headers`` …), and the
+    │                       server denies with it (fail closed)
+    └── ResponseBuildError  a decision cannot be turned into a CheckResponse
 """
 
 from __future__ import annotations
@@ -14,7 +18,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["AuthzError", "PolicyIssue", "PolicyLoadError"]
+__all__ = [
+    "AuthzError",
+    "BadRequestError",
+    "PolicyIssue",
+    "PolicyLoadError",
+    "ResponseBuildError",
+]
 
 
 class AuthzError(Exception):
@@ -53,3 +63,30 @@ class PolicyLoadError(AuthzError):
         self.issues = list(issues)
         lines = "\n".join(f"  {issue}" for issue in self.issues)
         super().__init__(f"{len(self.issues)} problem(s) in the Istio policies:\n{lines}")
+
+
+class BadRequestError(AuthzError):
+    """The CheckRequest is malformed or over a limit; the request must be denied.
+
+    ``reason`` is a stable snake_case string (``too_many_headers``,
+    ``no_workload_namespace`` …) used as-is in logs, metric labels and audit rows;
+    ``detail`` says what exactly was wrong, for a human.
+    """
+
+    code = "request_parse_error"
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+class ResponseBuildError(AuthzError):
+    """A CheckResponse could not be built (e.g. a decision id unfit for a header)."""
+
+    code = "response_build_error"
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")

@@ -233,6 +233,87 @@ def agent(
     run_agent(config)
 
 
+@cli.command("authz")
+@common
+@click.option(
+    "--policies",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("policies"),
+    show_default=True,
+    help="Policy directory (istio/ and rego/ inside).",
+)
+@click.option(
+    "--listen", default="127.0.0.1:9191", show_default=True, help="host:port or unix:PATH"
+)
+@click.option("--trust-domain", help="Trust domain (env MESHWARD_TRUST_DOMAIN).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
+@handle_errors
+def authz_command(
+    config_path: Path | None,
+    data_dir: Path | None,
+    output: str,
+    policies: Path,
+    listen: str,
+    trust_domain: str | None,
+    log_level: str | None,
+) -> None:
+    """Run the Envoy ext_authz server (Istio AuthorizationPolicy), reloading policies on change."""
+    from meshward.authz_runtime import run_authz
+
+    config = _config(config_path, data_dir=data_dir, trust_domain=trust_domain, log_level=log_level)
+    _logging(config)
+    run_authz(config, policies=policies, listen=listen)
+
+
+@cli.group()
+def policy() -> None:
+    """The policy repository."""
+
+
+@policy.command("lint")
+@common
+@click.argument(
+    "directory", type=click.Path(path_type=Path, file_okay=False), default=Path("policies")
+)
+@click.option("--trust-domain", help="Trust domain (env MESHWARD_TRUST_DOMAIN).")
+@handle_errors
+def policy_lint(
+    config_path: Path | None,
+    data_dir: Path | None,
+    output: str,
+    directory: Path,
+    trust_domain: str | None,
+) -> None:
+    """Check every AuthorizationPolicy under DIRECTORY/istio; print each problem with its place."""
+    from authz.policy_store import PolicyStore
+
+    config = _config(config_path, data_dir=data_dir, trust_domain=trust_domain)
+    store = PolicyStore(
+        directory,
+        trust_domain=config.trust_domain or "cluster.local",
+        trust_domain_aliases=tuple(config.authz.trust_domain_aliases),
+        root_namespace=config.authz.root_namespace,
+    )
+    logging.getLogger("authz").setLevel(logging.CRITICAL)
+    ok = store.reload()
+    issues = [
+        {"file": i.file, "document": i.document, "field": i.field, "message": i.message}
+        for i in store.issues
+    ]
+    count = len(store.current.istio.policies) if store.current else 0
+    _emit(
+        output,
+        {"ok": ok, "policies": count, "issues": issues},
+        lambda r: (
+            "\n".join(str(i) for i in store.issues)
+            if store.issues
+            else f"{r['policies']} AuthorizationPolicy documents, no problems"
+        ),
+    )
+    if not ok:
+        sys.exit(1)
+
+
 # -- entries ---------------------------------------------------------------------------
 
 

@@ -133,6 +133,13 @@ class AgentConfig(_Section):
     disable_spiffe_cert_validation: bool = False
 
 
+class AuthzConfig(_Section):
+    root_namespace: str = "istio-system"  # its policies apply mesh-wide, as in Istio
+    trust_domain_aliases: list[str] = []  # principals in these trust domains match ours
+    explain_denials: bool = False  # name the deciding policy in the 403 body
+    reload_interval: Duration = timedelta(seconds=1)
+
+
 class Config(_Section):
     trust_domain: str | None = None
     data_dir: Path = DEFAULT_DATA_DIR
@@ -142,6 +149,7 @@ class Config(_Section):
     ca: CAConfig = CAConfig()
     svid: SvidConfig = SvidConfig()
     agent: AgentConfig = AgentConfig()
+    authz: AuthzConfig = AuthzConfig()
 
     @field_validator("trust_domain")
     @classmethod

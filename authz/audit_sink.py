@@ -1,0 +1,82 @@
+"""Where decisions go after the response: a sink that never blocks the Check call.
+
+The audit store (a later piece) plugs in behind the same :class:`AuditSink` protocol.
+Records never carry tokens, keys or header values beyond what the record lists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+__all__ = ["AuditSink", "DecisionRecord", "JsonLinesSink", "MemorySink"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, frozen=True)
+class DecisionRecord:
+    decision_id: str
+    time: str  # RFC 3339, UTC
+    allowed: bool
+    reason: str
+    engine: str  # which engine decided: istio, or error
+    policy_id: str | None
+    policy_set_version: str | None
+    source_principal: str | None
+    source_ip: str | None
+    workload_namespace: str | None
+    method: str | None
+    host: str | None
+    path: str | None
+    audit_policy_ids: tuple[str, ...] = ()
+    dry_run: dict[str, Any] | None = None
+    error: str | None = None
+
+
+class AuditSink(Protocol):
+    def submit(self, record: DecisionRecord) -> None:
+        """Accept a record without blocking; a full sink drops and counts, never stalls a request."""
+        ...
+
+
+class MemorySink:
+    def __init__(self) -> None:
+        self.records: list[DecisionRecord] = []
+
+    def submit(self, record: DecisionRecord) -> None:
+        self.records.append(record)
+
+
+class JsonLinesSink:
+    """Appends one JSON object per decision to a file, from a background thread."""
+
+    def __init__(self, path: Path, *, capacity: int = 100_000) -> None:
+        self.path = path
+        self.dropped = 0
+        self._queue: queue.Queue[DecisionRecord | None] = queue.Queue(maxsize=capacity)
+        self._thread = threading.Thread(target=self._run, name="audit-jsonl", daemon=True)
+        self._thread.start()
+
+    def submit(self, record: DecisionRecord) -> None:
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as out:
+            while (record := self._queue.get()) is not None:
+                out.write(json.dumps(asdict(record), sort_keys=True) + "\n")
+                if self._queue.empty():
+                    out.flush()
