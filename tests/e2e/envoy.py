@@ -102,8 +102,66 @@ def _admin(port: int) -> dict[str, Any]:
     return {"address": _socket_address("127.0.0.1", port)}
 
 
+_EXT_AUTHZ = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
+_EXT_AUTHZ_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute"
+AUTHZ_CLUSTER = "meshward_authz"
+
+
+def authz_cluster(port: int) -> dict[str, Any]:
+    """``meshward authz`` over gRPC (HTTP/2) on loopback."""
+    return {
+        "name": AUTHZ_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _HTTP_OPTIONS,
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": AUTHZ_CLUSTER,
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": _socket_address("127.0.0.1", port)}}]}
+            ],
+        },
+    }
+
+
+def ext_authz_filter() -> dict[str, Any]:
+    """Every request asks meshward; if it cannot answer, the request is denied (fail closed)."""
+    return {
+        "name": "envoy.filters.http.ext_authz",
+        "typed_config": {
+            "@type": _EXT_AUTHZ,
+            "transport_api_version": "V3",
+            "failure_mode_allow": False,
+            "grpc_service": {"envoy_grpc": {"cluster_name": AUTHZ_CLUSTER}, "timeout": "1s"},
+        },
+    }
+
+
+def workload_extensions(
+    namespace: str, labels: dict[str, str], service: str | None
+) -> dict[str, Any]:
+    """Tell meshward which workload this sidecar protects (context_extensions)."""
+    extensions = {"namespace": namespace, "labels": ",".join(f"{k}={v}" for k, v in labels.items())}
+    if service:
+        extensions["service"] = service
+    return {
+        "envoy.filters.http.ext_authz": {
+            "@type": _EXT_AUTHZ_ROUTE,
+            "check_settings": {"context_extensions": extensions},
+        }
+    }
+
+
 def _http_listener(
-    name: str, port: int, route: dict[str, Any], transport_socket: dict[str, Any] | None
+    name: str,
+    port: int,
+    route: dict[str, Any],
+    transport_socket: dict[str, Any] | None,
+    http_filters: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     chain: dict[str, Any] = {
         "filters": [
@@ -122,7 +180,8 @@ def _http_listener(
                         ]
                     },
                     "http_filters": [
-                        {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}}
+                        *(http_filters or []),
+                        {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}},
                     ],
                 },
             }
@@ -199,8 +258,14 @@ def server_bootstrap(
     listen_port: int = 0,
     admin_port: int = 0,
     metadata: dict[str, Any] | None = None,
+    authz_port: int | None = None,
+    workload: tuple[str, dict[str, str], str | None] = ("default", {}, None),
 ) -> dict[str, Any]:
-    """mTLS in on ``listen_port`` from ``client_id`` only, answered with 200 by Envoy itself."""
+    """mTLS in on ``listen_port`` from ``client_id`` only, answered with 200 by Envoy itself.
+
+    With ``authz_port`` every request is first checked by ``meshward authz`` there, for
+    ``workload`` (namespace, labels, service).
+    """
     tls = {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
@@ -209,12 +274,18 @@ def server_bootstrap(
             "common_tls_context": common_tls_context(peer_id=client_id),
         },
     }
-    route = {"direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}
+    route: dict[str, Any] = {"direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}
+    clusters = [agent_cluster(agent_socket)]
+    filters = None
+    if authz_port is not None:
+        route["typed_per_filter_config"] = workload_extensions(*workload)
+        clusters.append(authz_cluster(authz_port))
+        filters = [ext_authz_filter()]
     return {
         "node": _node(node_id, metadata),
         "admin": _admin(admin_port),
         "static_resources": {
-            "listeners": [_http_listener("inbound", listen_port, route, tls)],
-            "clusters": [agent_cluster(agent_socket)],
+            "listeners": [_http_listener("inbound", listen_port, route, tls, filters)],
+            "clusters": clusters,
         },
     }

@@ -8,12 +8,14 @@ pushes over SDS; a steady request loop through both Envoys must see no failure.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ import pytest
 
 from tests.e2e.envoy import client_bootstrap, server_bootstrap
 from tests.e2e.envoys import ENVOY, Envoy, RequestLoop, launch, wait_until
-from tests.e2e.processes import ServerProcess, run_cli, running_server
+from tests.e2e.processes import MESHWARD, ServerProcess, cli_env, free_port, run_cli, running_server
 
 CLIENT_ID = "spiffe://example.org/ns/default/sa/client"
 SERVER_ID = "spiffe://example.org/ns/default/sa/server"
@@ -126,6 +128,143 @@ def test_envoys_attested_by_the_agent_do_mtls_through_two_rotations(root: Path) 
             assert stranger.process.poll() is None, stranger.describe()
             assert stranger.serials() == set()
             assert not stranger.ready()
+    finally:
+        for envoy in envoys:
+            envoy.process.terminate()
+        for envoy in envoys:
+            try:
+                envoy.process.wait(10)
+            except subprocess.TimeoutExpired:
+                envoy.process.kill()
+                envoy.process.wait(10)
+
+
+REVIEWS_POLICIES = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: reviews-viewer, namespace: default}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  rules:
+  - from: [{source: {principals: ["example.org/ns/default/sa/client"]}}]
+    to: [{operation: {methods: ["GET"], paths: ["/reviews/{*}"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: staged-lockdown
+  namespace: default
+  annotations: {istio.io/dry-run: "true"}
+spec:
+  action: DENY
+  selector: {matchLabels: {app: reviews}}
+  rules:
+  - to: [{operation: {paths: ["/reviews/2"]}}]
+"""
+
+
+@contextmanager
+def running_authz(root: Path) -> Iterator[tuple[int, Path]]:
+    policies = root / "policies"
+    (policies / "istio").mkdir(parents=True)
+    (policies / "istio" / "reviews.yaml").write_text(REVIEWS_POLICIES)
+    port = free_port()
+    log = root / "authz.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                str(MESHWARD),
+                "authz",
+                "--policies",
+                str(policies),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--trust-domain",
+                "example.org",
+                "--data-dir",
+                str(root / "authz-data"),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=cli_env(),
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while "serving policy set" not in log.read_text():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        yield port, root / "authz-data" / "audit" / "decisions.jsonl"
+    finally:
+        process.terminate()
+        assert process.wait(20) == 0, log.read_text()
+
+
+def test_ext_authz_decides_every_request_with_the_peer_principal_envoy_saw(root: Path) -> None:
+    envoys: list[Envoy] = []
+    try:
+        with running_server(root) as server, running_authz(root) as (authz_port, audit):
+            agent_socket = server.data_dir / "agent.sock"
+            register(server, SERVER_ID, SERVER_UID)
+            register(server, CLIENT_ID, CLIENT_UID)
+            inbound = start_envoy(
+                root,
+                "server",
+                server_bootstrap(
+                    node_id="server",
+                    agent_socket=agent_socket,
+                    client_id=CLIENT_ID,
+                    authz_port=authz_port,
+                    workload=("default", {"app": "reviews", "version": "v1"}, "reviews"),
+                ),
+                SERVER_UID,
+            )
+            envoys.append(inbound)
+            wait_until(inbound.ready, inbound)
+            outbound = start_envoy(
+                root,
+                "client",
+                client_bootstrap(
+                    node_id="client",
+                    agent_socket=agent_socket,
+                    upstream_port=inbound.port("inbound"),
+                    server_id=SERVER_ID,
+                ),
+                CLIENT_UID,
+            )
+            envoys.append(outbound)
+            wait_until(outbound.ready, outbound)
+            base = f"http://127.0.0.1:{outbound.port('outbound')}"
+
+            with httpx.Client(timeout=5) as http:
+                allowed = http.get(f"{base}/reviews/1")
+                assert (allowed.status_code, allowed.text) == (200, "ok\n"), inbound.describe()
+                denied = http.delete(f"{base}/reviews/1")
+                assert (denied.status_code, denied.text) == (403, "RBAC: access denied")
+                assert denied.headers["x-meshward-decision-id"]
+                assert http.get(f"{base}/ratings").status_code == 403
+                # Staged (dry-run) DENY: not enforced, but its verdict is recorded.
+                staged = http.get(f"{base}/reviews/2")
+                assert staged.status_code == 200
+
+            deadline = time.monotonic() + 20
+            records: list[dict[str, Any]] = []
+            while len(records) < 4 and time.monotonic() < deadline:
+                records = (
+                    [json.loads(line) for line in audit.read_text().splitlines()]
+                    if audit.exists()
+                    else []
+                )
+                time.sleep(0.1)
+            by_id = {r["decision_id"]: r for r in records}
+            refused = by_id[denied.headers["x-meshward-decision-id"]]
+            assert refused["allowed"] is False
+            assert refused["source_principal"] == "example.org/ns/default/sa/client"
+            assert refused["method"] == "DELETE"
+            assert refused["reason"] == "no_allow_policy_matched"
+            dry = next(r for r in records if r["path"] == "/reviews/2")
+            assert dry["allowed"] is True
+            assert dry["dry_run"]["istio_dry_run_deny_shadow_engine_result"] == "denied"
     finally:
         for envoy in envoys:
             envoy.process.terminate()
