@@ -36,8 +36,8 @@ def _socket_address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
-def agent_cluster(agent_socket: Path, *, name: str = AGENT_CLUSTER) -> dict[str, Any]:
-    """The SDS server: gRPC (so HTTP/2) over the agent's Unix socket."""
+def _grpc_cluster(name: str, address: dict[str, Any]) -> dict[str, Any]:
+    """A static cluster speaking gRPC (so HTTP/2) to one address."""
     return {
         "name": name,
         "type": "STATIC",
@@ -50,11 +50,14 @@ def agent_cluster(agent_socket: Path, *, name: str = AGENT_CLUSTER) -> dict[str,
         },
         "load_assignment": {
             "cluster_name": name,
-            "endpoints": [
-                {"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": str(agent_socket)}}}}]}
-            ],
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
         },
     }
+
+
+def agent_cluster(agent_socket: Path, *, name: str = AGENT_CLUSTER) -> dict[str, Any]:
+    """The SDS server: the agent's Unix socket."""
+    return _grpc_cluster(name, {"pipe": {"path": str(agent_socket)}})
 
 
 def sds_secret(name: str, *, cluster: str = AGENT_CLUSTER) -> dict[str, Any]:
@@ -108,24 +111,8 @@ AUTHZ_CLUSTER = "meshward_authz"
 
 
 def authz_cluster(port: int) -> dict[str, Any]:
-    """``meshward authz`` over gRPC (HTTP/2) on loopback."""
-    return {
-        "name": AUTHZ_CLUSTER,
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": _HTTP_OPTIONS,
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
-        "load_assignment": {
-            "cluster_name": AUTHZ_CLUSTER,
-            "endpoints": [
-                {"lb_endpoints": [{"endpoint": {"address": _socket_address("127.0.0.1", port)}}]}
-            ],
-        },
-    }
+    """``meshward authz`` on loopback."""
+    return _grpc_cluster(AUTHZ_CLUSTER, _socket_address("127.0.0.1", port))
 
 
 def ext_authz_filter() -> dict[str, Any]:

@@ -46,6 +46,41 @@ def root() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture
+def envoys() -> Iterator[list[Envoy]]:
+    """Envoys a test starts; stopped at the end whatever happened."""
+    started: list[Envoy] = []
+    yield started
+    for envoy in started:
+        envoy.process.terminate()
+    for envoy in started:
+        try:
+            envoy.process.wait(10)
+        except subprocess.TimeoutExpired:
+            envoy.process.kill()
+            envoy.process.wait(10)
+
+
+def start_client(
+    root: Path, agent_socket: Path, inbound: Envoy, envoys: list[Envoy]
+) -> tuple[Envoy, str]:
+    """The client sidecar (mTLS to ``inbound``, requiring the server's ID), and its URL."""
+    outbound = start_envoy(
+        root,
+        "client",
+        client_bootstrap(
+            node_id="client",
+            agent_socket=agent_socket,
+            upstream_port=inbound.port("inbound"),
+            server_id=SERVER_ID,
+        ),
+        CLIENT_UID,
+    )
+    envoys.append(outbound)
+    wait_until(outbound.ready, outbound)
+    return outbound, f"http://127.0.0.1:{outbound.port('outbound')}"
+
+
 def start_envoy(root: Path, name: str, bootstrap: dict[str, Any], uid: int) -> Envoy:
     home = root / name
     home.mkdir()
@@ -67,76 +102,53 @@ def register(server: ServerProcess, spiffe_id: str, uid: int) -> None:
     ).ok()
 
 
-def test_envoys_attested_by_the_agent_do_mtls_through_two_rotations(root: Path) -> None:
-    envoys: list[Envoy] = []
-    try:
-        with running_server(root) as server:
-            agent_socket = server.data_dir / "agent.sock"
-            register(server, SERVER_ID, SERVER_UID)
-            register(server, CLIENT_ID, CLIENT_UID)
-            inbound = start_envoy(
-                root,
-                "server",
-                server_bootstrap(node_id="server", agent_socket=agent_socket, client_id=CLIENT_ID),
-                SERVER_UID,
-            )
-            envoys.append(inbound)
-            stranger = start_envoy(
-                root,
-                "stranger",
-                server_bootstrap(
-                    node_id="stranger", agent_socket=agent_socket, client_id=CLIENT_ID
-                ),
-                STRANGER_UID,
-            )
-            envoys.append(stranger)
-            wait_until(inbound.ready, inbound)
-            outbound = start_envoy(
-                root,
-                "client",
-                client_bootstrap(
-                    node_id="client",
-                    agent_socket=agent_socket,
-                    upstream_port=inbound.port("inbound"),
-                    server_id=SERVER_ID,
-                ),
-                CLIENT_UID,
-            )
-            envoys.append(outbound)
-            wait_until(outbound.ready, outbound)
-            url = f"http://127.0.0.1:{outbound.port('outbound')}/"
-            response = httpx.get(url, timeout=5)
-            assert (response.status_code, response.text) == (200, "ok\n"), outbound.describe()
+def test_envoys_attested_by_the_agent_do_mtls_through_two_rotations(
+    root: Path, envoys: list[Envoy]
+) -> None:
+    with running_server(root) as server:
+        agent_socket = server.data_dir / "agent.sock"
+        register(server, SERVER_ID, SERVER_UID)
+        register(server, CLIENT_ID, CLIENT_UID)
+        inbound = start_envoy(
+            root,
+            "server",
+            server_bootstrap(node_id="server", agent_socket=agent_socket, client_id=CLIENT_ID),
+            SERVER_UID,
+        )
+        envoys.append(inbound)
+        stranger = start_envoy(
+            root,
+            "stranger",
+            server_bootstrap(node_id="stranger", agent_socket=agent_socket, client_id=CLIENT_ID),
+            STRANGER_UID,
+        )
+        envoys.append(stranger)
+        wait_until(inbound.ready, inbound)
+        outbound, base = start_client(root, agent_socket, inbound, envoys)
+        url = f"{base}/"
+        response = httpx.get(url, timeout=5)
+        assert (response.status_code, response.text) == (200, "ok\n"), outbound.describe()
 
-            seen: dict[str, set[frozenset[int]]] = {"client": set(), "server": set()}
-            with RequestLoop(url, limit=20_000, pause=0.02, lifetime=ROTATION_DEADLINE) as loop:
-                deadline = time.monotonic() + ROTATION_DEADLINE
-                # The first certificate and at least two rotations, on both sides.
-                while min(len(s) for s in seen.values()) < 3:
-                    assert time.monotonic() < deadline, (seen, outbound.describe())
-                    for envoy in (outbound, inbound):
-                        assert envoy.process.poll() is None, envoy.describe()
-                        serials = envoy.serials()
-                        if serials:
-                            seen[envoy.name].add(frozenset(serials))
-                    time.sleep(0.25)
-            assert loop.failures == [], loop.failures[:5]
-            assert loop.ok > 100
+        seen: dict[str, set[frozenset[int]]] = {"client": set(), "server": set()}
+        with RequestLoop(url, limit=20_000, pause=0.02, lifetime=ROTATION_DEADLINE) as loop:
+            deadline = time.monotonic() + ROTATION_DEADLINE
+            # The first certificate and at least two rotations, on both sides.
+            while min(len(s) for s in seen.values()) < 3:
+                assert time.monotonic() < deadline, (seen, outbound.describe())
+                for envoy in (outbound, inbound):
+                    assert envoy.process.poll() is None, envoy.describe()
+                    serials = envoy.serials()
+                    if serials:
+                        seen[envoy.name].add(frozenset(serials))
+                time.sleep(0.25)
+        assert loop.failures == [], loop.failures[:5]
+        assert loop.ok > 100
 
-            # An Envoy whose uid matches no entry was attested and refused all along:
-            # no certificate, and its TLS listener never became ready.
-            assert stranger.process.poll() is None, stranger.describe()
-            assert stranger.serials() == set()
-            assert not stranger.ready()
-    finally:
-        for envoy in envoys:
-            envoy.process.terminate()
-        for envoy in envoys:
-            try:
-                envoy.process.wait(10)
-            except subprocess.TimeoutExpired:
-                envoy.process.kill()
-                envoy.process.wait(10)
+        # An Envoy whose uid matches no entry was attested and refused all along:
+        # no certificate, and its TLS listener never became ready.
+        assert stranger.process.poll() is None, stranger.describe()
+        assert stranger.serials() == set()
+        assert not stranger.ready()
 
 
 REVIEWS_POLICIES = """\
@@ -200,77 +212,55 @@ def running_authz(root: Path) -> Iterator[tuple[int, Path]]:
         assert process.wait(20) == 0, log.read_text()
 
 
-def test_ext_authz_decides_every_request_with_the_peer_principal_envoy_saw(root: Path) -> None:
-    envoys: list[Envoy] = []
-    try:
-        with running_server(root) as server, running_authz(root) as (authz_port, audit):
-            agent_socket = server.data_dir / "agent.sock"
-            register(server, SERVER_ID, SERVER_UID)
-            register(server, CLIENT_ID, CLIENT_UID)
-            inbound = start_envoy(
-                root,
-                "server",
-                server_bootstrap(
-                    node_id="server",
-                    agent_socket=agent_socket,
-                    client_id=CLIENT_ID,
-                    authz_port=authz_port,
-                    workload=("default", {"app": "reviews", "version": "v1"}, "reviews"),
-                ),
-                SERVER_UID,
-            )
-            envoys.append(inbound)
-            wait_until(inbound.ready, inbound)
-            outbound = start_envoy(
-                root,
-                "client",
-                client_bootstrap(
-                    node_id="client",
-                    agent_socket=agent_socket,
-                    upstream_port=inbound.port("inbound"),
-                    server_id=SERVER_ID,
-                ),
-                CLIENT_UID,
-            )
-            envoys.append(outbound)
-            wait_until(outbound.ready, outbound)
-            base = f"http://127.0.0.1:{outbound.port('outbound')}"
+def test_ext_authz_decides_every_request_with_the_peer_principal_envoy_saw(
+    root: Path, envoys: list[Envoy]
+) -> None:
+    with running_server(root) as server, running_authz(root) as (authz_port, audit):
+        agent_socket = server.data_dir / "agent.sock"
+        register(server, SERVER_ID, SERVER_UID)
+        register(server, CLIENT_ID, CLIENT_UID)
+        inbound = start_envoy(
+            root,
+            "server",
+            server_bootstrap(
+                node_id="server",
+                agent_socket=agent_socket,
+                client_id=CLIENT_ID,
+                authz_port=authz_port,
+                workload=("default", {"app": "reviews", "version": "v1"}, "reviews"),
+            ),
+            SERVER_UID,
+        )
+        envoys.append(inbound)
+        wait_until(inbound.ready, inbound)
+        _, base = start_client(root, agent_socket, inbound, envoys)
 
-            with httpx.Client(timeout=5) as http:
-                allowed = http.get(f"{base}/reviews/1")
-                assert (allowed.status_code, allowed.text) == (200, "ok\n"), inbound.describe()
-                denied = http.delete(f"{base}/reviews/1")
-                assert (denied.status_code, denied.text) == (403, "RBAC: access denied")
-                assert denied.headers["x-meshward-decision-id"]
-                assert http.get(f"{base}/ratings").status_code == 403
-                # Staged (dry-run) DENY: not enforced, but its verdict is recorded.
-                staged = http.get(f"{base}/reviews/2")
-                assert staged.status_code == 200
+        with httpx.Client(timeout=5) as http:
+            allowed = http.get(f"{base}/reviews/1")
+            assert (allowed.status_code, allowed.text) == (200, "ok\n"), inbound.describe()
+            denied = http.delete(f"{base}/reviews/1")
+            assert (denied.status_code, denied.text) == (403, "RBAC: access denied")
+            assert denied.headers["x-meshward-decision-id"]
+            assert http.get(f"{base}/ratings").status_code == 403
+            # Staged (dry-run) DENY: not enforced, but its verdict is recorded.
+            staged = http.get(f"{base}/reviews/2")
+            assert staged.status_code == 200
 
-            deadline = time.monotonic() + 20
-            records: list[dict[str, Any]] = []
-            while len(records) < 4 and time.monotonic() < deadline:
-                records = (
-                    [json.loads(line) for line in audit.read_text().splitlines()]
-                    if audit.exists()
-                    else []
-                )
-                time.sleep(0.1)
-            by_id = {r["decision_id"]: r for r in records}
-            refused = by_id[denied.headers["x-meshward-decision-id"]]
-            assert refused["allowed"] is False
-            assert refused["source_principal"] == "example.org/ns/default/sa/client"
-            assert refused["method"] == "DELETE"
-            assert refused["reason"] == "no_allow_policy_matched"
-            dry = next(r for r in records if r["path"] == "/reviews/2")
-            assert dry["allowed"] is True
-            assert dry["dry_run"]["istio_dry_run_deny_shadow_engine_result"] == "denied"
-    finally:
-        for envoy in envoys:
-            envoy.process.terminate()
-        for envoy in envoys:
-            try:
-                envoy.process.wait(10)
-            except subprocess.TimeoutExpired:
-                envoy.process.kill()
-                envoy.process.wait(10)
+        deadline = time.monotonic() + 20
+        records: list[dict[str, Any]] = []
+        while len(records) < 4 and time.monotonic() < deadline:
+            records = (
+                [json.loads(line) for line in audit.read_text().splitlines()]
+                if audit.exists()
+                else []
+            )
+            time.sleep(0.1)
+        by_id = {r["decision_id"]: r for r in records}
+        refused = by_id[denied.headers["x-meshward-decision-id"]]
+        assert refused["allowed"] is False
+        assert refused["source_principal"] == "example.org/ns/default/sa/client"
+        assert refused["method"] == "DELETE"
+        assert refused["reason"] == "no_allow_policy_matched"
+        dry = next(r for r in records if r["path"] == "/reviews/2")
+        assert dry["allowed"] is True
+        assert dry["dry_run"]["istio_dry_run_deny_shadow_engine_result"] == "denied"
