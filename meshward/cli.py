@@ -314,6 +314,72 @@ def policy_lint(
         sys.exit(1)
 
 
+@cli.group()
+def envoy() -> None:
+    """Envoy sidecar configuration."""
+
+
+@envoy.command("bootstrap")
+@click.option("--workload", required=True, help="Workload name (the Envoy node id).")
+@click.option("--namespace", required=True, help="Namespace of the protected workload.")
+@click.option("--label", "labels", multiple=True, help="Workload label k=v (repeat).")
+@click.option("--service", help="Service name, for AuthorizationPolicy targetRefs.")
+@click.option("--app-port", type=int, required=True, help="The application's local port.")
+@click.option("--inbound-port", type=int, default=15006, show_default=True)
+@click.option("--admin-port", type=int, default=15000, show_default=True)
+@click.option(
+    "--agent-socket",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=Path(".meshward/agent.sock"),
+    show_default=True,
+)
+@click.option(
+    "--authz-port", type=int, default=9191, show_default=True, help="meshward authz on loopback."
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True
+)
+@handle_errors
+def envoy_bootstrap(
+    workload: str,
+    namespace: str,
+    labels: tuple[str, ...],
+    service: str | None,
+    app_port: int,
+    inbound_port: int,
+    admin_port: int,
+    agent_socket: Path,
+    authz_port: int,
+    fmt: str,
+) -> None:
+    """Print an inbound sidecar bootstrap: mTLS with SVIDs from the agent, ext_authz to authz."""
+    import yaml
+
+    from meshward.envoy_bootstrap import sidecar_bootstrap
+
+    parsed: dict[str, str] = {}
+    for label in labels:
+        key, sep, value = label.partition("=")
+        if not sep or not key or not value or "," in label:
+            raise click.BadParameter(f"{label!r} is not k=v", param_hint="--label")
+        parsed[key] = value
+    bootstrap = sidecar_bootstrap(
+        workload=workload,
+        namespace=namespace,
+        labels=parsed,
+        service=service,
+        agent_socket=agent_socket.absolute(),
+        authz_port=authz_port,
+        app_port=app_port,
+        inbound_port=inbound_port,
+        admin_port=admin_port,
+    )
+    if fmt == "json":
+        click.echo(json.dumps(bootstrap, indent=2))
+    else:
+        click.echo(yaml.safe_dump(bootstrap, sort_keys=False), nl=False)
+
+
 # -- entries ---------------------------------------------------------------------------
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e.envoy import client_bootstrap, server_bootstrap
+from meshward.envoy_bootstrap import client_bootstrap, server_bootstrap
 from tests.e2e.envoys import ENVOY
+from tests.e2e.processes import run_cli
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "envoy"
 SOCKET = Path("/run/meshward/agent.sock")
@@ -46,3 +47,68 @@ def test_snippets_are_the_bootstraps_the_end_to_end_tests_run() -> None:
     )
     assert yaml.safe_load((DEPLOY / "sidecar-inbound.yaml").read_text()) == inbound
     assert yaml.safe_load((DEPLOY / "sidecar-outbound.yaml").read_text()) == outbound
+
+
+def test_envoy_bootstrap_command_prints_a_valid_sidecar(tmp_path: Path) -> None:
+    printed = run_cli(
+        "envoy",
+        "bootstrap",
+        "--workload",
+        "reviews",
+        "--namespace",
+        "default",
+        "--label",
+        "app=reviews",
+        "--label",
+        "version=v1",
+        "--service",
+        "reviews",
+        "--app-port",
+        "9080",
+        "--agent-socket",
+        "/run/meshward/agent.sock",
+    ).ok()
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(printed.stdout)
+    done = subprocess.run(
+        [str(ENVOY), "--mode", "validate", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    bootstrap = yaml.safe_load(printed.stdout)
+    (listener,) = bootstrap["static_resources"]["listeners"]
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    assert [f["name"] for f in manager["http_filters"]] == [
+        "envoy.filters.http.ext_authz",
+        "envoy.filters.http.router",
+    ]
+    (route,) = manager["route_config"]["virtual_hosts"][0]["routes"]
+    extensions = route["typed_per_filter_config"]["envoy.filters.http.ext_authz"]["check_settings"]
+    assert extensions["context_extensions"] == {
+        "namespace": "default",
+        "labels": "app=reviews,version=v1",
+        "service": "reviews",
+    }
+    assert route["route"] == {"cluster": "app"}
+
+
+def test_envoy_bootstrap_refuses_a_malformed_label() -> None:
+    result = run_cli(
+        "envoy",
+        "bootstrap",
+        "--workload",
+        "r",
+        "--namespace",
+        "d",
+        "--label",
+        "bad",
+        "--app-port",
+        "1",
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "error: Invalid value for --label: 'bad' is not k=v"
+    ]

@@ -31,7 +31,7 @@ from identity.peer_front import PeerFront
 from identity.sds import SecretDiscoveryServicer, add_sds_servicer
 from identity.selectors import Selector
 from identity.workload_cache import WorkloadCache, WorkloadSvid
-from tests.e2e.envoy import client_bootstrap, server_bootstrap
+from meshward.envoy_bootstrap import client_bootstrap, server_bootstrap
 from tests.e2e.envoys import DEADLINE, ENVOY, Envoy, RequestLoop, launch, wait_until
 from tests.identity.certs import issue_svid, standalone_ca
 

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.envoy import client_bootstrap, server_bootstrap
+from meshward.envoy_bootstrap import client_bootstrap, server_bootstrap
 from tests.e2e.envoys import ENVOY, Envoy, RequestLoop, launch, wait_until
 from tests.e2e.processes import MESHWARD, ServerProcess, cli_env, free_port, run_cli, running_server
 

@@ -1,11 +1,10 @@
-"""Envoy bootstraps that take their certificates from the meshward agent over SDS.
+"""Envoy bootstraps for meshward sidecars: SVIDs from the agent over SDS, ext_authz to authz.
 
 Pure functions returning dicts (dump them as JSON or YAML); nothing here starts a
 process. The shapes are the ones a SPIRE-era Envoy config uses, so the same bootstrap
 works against either agent: a static gRPC cluster to the agent's Unix socket (HTTP/2),
-``default`` as the TLS certificate, ``ROOTCA`` as the validation context, and the peer's
-SPIFFE ID required by ``match_typed_subject_alt_names``. Meant to move to ``deploy/`` and
-``meshward envoy bootstrap``.
+``default`` as the TLS certificate, ``ROOTCA`` as the validation context. The end-to-end
+tests run these very shapes; ``meshward envoy bootstrap`` prints :func:`sidecar_bootstrap`.
 """
 
 from __future__ import annotations
@@ -15,11 +14,16 @@ from typing import Any
 
 __all__ = [
     "AGENT_CLUSTER",
+    "AUTHZ_CLUSTER",
     "agent_cluster",
+    "authz_cluster",
     "client_bootstrap",
     "common_tls_context",
+    "ext_authz_filter",
     "sds_secret",
     "server_bootstrap",
+    "sidecar_bootstrap",
+    "workload_extensions",
 ]
 
 AGENT_CLUSTER = "meshward_agent"
@@ -78,19 +82,25 @@ def sds_secret(name: str, *, cluster: str = AGENT_CLUSTER) -> dict[str, Any]:
 
 
 def common_tls_context(
-    *, peer_id: str, svid: str = "default", bundle: str = "ROOTCA"
+    *, peer_id: str | None, svid: str = "default", bundle: str = "ROOTCA"
 ) -> dict[str, Any]:
-    """Our SVID and the bundle from SDS; the peer must present ``peer_id``."""
+    """Our SVID and the bundle from SDS; the peer must present ``peer_id`` if given.
+
+    Without ``peer_id`` any SVID the bundle vouches for is accepted, and who may do what
+    is left to ext_authz (as an Istio sidecar leaves it to its RBAC filter).
+    """
+    default: dict[str, Any] = {}  # Envoy requires the field even when it adds nothing
+    if peer_id is not None:
+        default["match_typed_subject_alt_names"] = [
+            {"san_type": "URI", "matcher": {"exact": peer_id}}
+        ]
+    validation = {
+        "default_validation_context": default,
+        "validation_context_sds_secret_config": sds_secret(bundle),
+    }
     return {
         "tls_certificate_sds_secret_configs": [sds_secret(svid)],
-        "combined_validation_context": {
-            "default_validation_context": {
-                "match_typed_subject_alt_names": [
-                    {"san_type": "URI", "matcher": {"exact": peer_id}}
-                ]
-            },
-            "validation_context_sds_secret_config": sds_secret(bundle),
-        },
+        "combined_validation_context": validation,
     }
 
 
@@ -274,5 +284,60 @@ def server_bootstrap(
         "static_resources": {
             "listeners": [_http_listener("inbound", listen_port, route, tls, filters)],
             "clusters": clusters,
+        },
+    }
+
+
+def sidecar_bootstrap(
+    *,
+    workload: str,
+    namespace: str,
+    labels: dict[str, str],
+    service: str | None,
+    agent_socket: Path,
+    authz_port: int,
+    app_port: int,
+    inbound_port: int = 15006,
+    admin_port: int = 15000,
+) -> dict[str, Any]:
+    """An inbound sidecar: mTLS with the workload's SVID, every request checked by authz.
+
+    Requests that pass go to the application on 127.0.0.1:``app_port``.
+    """
+    tls = {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": _DOWNSTREAM_TLS,
+            "require_client_certificate": True,
+            "common_tls_context": common_tls_context(peer_id=None),
+        },
+    }
+    app = {
+        "name": "app",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": "app",
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": _socket_address("127.0.0.1", app_port)}}
+                    ]
+                }
+            ],
+        },
+    }
+    route: dict[str, Any] = {
+        "route": {"cluster": "app"},
+        "typed_per_filter_config": workload_extensions(namespace, labels, service),
+    }
+    return {
+        "node": _node(workload, None),
+        "admin": _admin(admin_port),
+        "static_resources": {
+            "listeners": [
+                _http_listener("inbound", inbound_port, route, tls, [ext_authz_filter()])
+            ],
+            "clusters": [app, agent_cluster(agent_socket), authz_cluster(authz_port)],
         },
     }
