@@ -145,17 +145,17 @@ def test_decisions_health_reload_and_audit(
         wait_for(locked_down, process, log)
 
     audit = data_dir / "audit" / "decisions.jsonl"
-    records = wait_for(
-        lambda: (
-            [json.loads(line) for line in audit.read_text().splitlines()]
-            if audit.exists()
-            else None
-        ),
-        process,
-        log,
-    )
+
+    def written() -> list[dict[str, Any]] | None:
+        # The sink writes in the background: wait for the last decision to be on disk.
+        if not audit.exists():
+            return None
+        records = [json.loads(line) for line in audit.read_text().splitlines()]
+        done = any(r["policy_id"] == "default.lockdown[rules[0]]" for r in records)
+        return records if done else None
+
+    records = wait_for(written, process, log)
     first = next(r for r in records if r["decision_id"] == decision_id)
     assert first["allowed"] is True
     assert first["policy_id"] == "default.reviews-viewer[rules[0]]"
     assert first["path"] == "/reviews/1"
-    assert any(r["policy_id"] == "default.lockdown[rules[0]]" for r in records)
