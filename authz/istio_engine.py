@@ -82,7 +82,9 @@ class IstioDecision:
 
 
 def evaluate(policies: PolicySet, view: RequestView) -> IstioDecision:
-    candidates = policies.candidates(view.workload_namespace)
+    candidates = policies.candidates(
+        view.workload_namespace, view.workload_labels, view.workload_service
+    )
     applicable = [
         p
         for p in candidates

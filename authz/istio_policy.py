@@ -289,11 +289,68 @@ class CompiledPolicy:
 
 
 @dataclass(slots=True, frozen=True)
-class PolicySet:
-    """All loaded policies, immutable, indexed by namespace.
+class _ScopeIndex:
+    """One namespace's policies, keyed by what their scope names.
 
-    Evaluation reads only the root namespace's policies and the workload namespace's
-    policies, so its cost does not grow with policies of other namespaces.
+    A policy with a selector is filed under one of its ``matchLabels`` pairs and a
+    targetRefs policy under its Services, so a request only looks at policies that
+    could select its workload: cost follows the policies of that workload, not of the
+    namespace.
+    """
+
+    unscoped: tuple[CompiledPolicy, ...]
+    by_label: Mapping[tuple[str, str], tuple[CompiledPolicy, ...]]
+    by_service: Mapping[str, tuple[CompiledPolicy, ...]]
+    rank: Mapping[str, int]  # name order, so the reported policy is deterministic
+
+    @classmethod
+    def build(cls, policies: Iterable[CompiledPolicy]) -> _ScopeIndex:
+        ordered = sorted(policies, key=lambda p: p.name)
+        unscoped: list[CompiledPolicy] = []
+        by_label: dict[tuple[str, str], list[CompiledPolicy]] = {}
+        by_service: dict[str, list[CompiledPolicy]] = {}
+        for policy in ordered:
+            if policy.match_labels:
+                # Any one pair is enough to find it: every pair must match anyway.
+                by_label.setdefault(min(policy.match_labels), []).append(policy)
+            elif policy.target_services:
+                for service in policy.target_services:
+                    by_service.setdefault(service, []).append(policy)
+            elif policy.target_services is None:
+                unscoped.append(policy)
+            # targetRefs naming no Service selects nothing: not indexed at all.
+        return cls(
+            unscoped=tuple(unscoped),
+            by_label=MappingProxyType({k: tuple(v) for k, v in by_label.items()}),
+            by_service=MappingProxyType({k: tuple(v) for k, v in by_service.items()}),
+            rank=MappingProxyType({p.name: i for i, p in enumerate(ordered)}),
+        )
+
+    def candidates(
+        self, labels: Mapping[str, str], service: str | None
+    ) -> tuple[CompiledPolicy, ...]:
+        found = list(self.unscoped)
+        for pair in labels.items():
+            found.extend(self.by_label.get(pair, ()))
+        if service is not None:
+            found.extend(self.by_service.get(service, ()))
+        if len(found) == len(self.unscoped):
+            return self.unscoped
+        found = list({p.name: p for p in found}.values())
+        found.sort(key=lambda p: self.rank[p.name])
+        return tuple(found)
+
+
+_EMPTY_SCOPE = _ScopeIndex.build(())
+
+
+@dataclass(slots=True, frozen=True)
+class PolicySet:
+    """All loaded policies, immutable, indexed by namespace and then by selector.
+
+    Evaluation reads only the root namespace's and the workload namespace's policies
+    that could select the workload, so its cost does not grow with policies written
+    for other namespaces or other workloads.
     """
 
     policies: tuple[CompiledPolicy, ...]
@@ -301,6 +358,7 @@ class PolicySet:
     _by_namespace: Mapping[str, tuple[CompiledPolicy, ...]] = field(
         init=False, repr=False, compare=False
     )
+    _scopes: Mapping[str, _ScopeIndex] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         grouped: dict[str, list[CompiledPolicy]] = {}
@@ -313,13 +371,26 @@ class PolicySet:
         # Sorted by name so evaluation (and which policy is reported) is deterministic.
         index = {ns: tuple(sorted(items, key=lambda p: p.name)) for ns, items in grouped.items()}
         object.__setattr__(self, "_by_namespace", MappingProxyType(index))
+        scopes = {ns: _ScopeIndex.build(items) for ns, items in index.items()}
+        object.__setattr__(self, "_scopes", MappingProxyType(scopes))
 
     def in_namespace(self, namespace: str) -> tuple[CompiledPolicy, ...]:
         return self._by_namespace.get(namespace, ())
 
-    def candidates(self, workload_namespace: str) -> tuple[CompiledPolicy, ...]:
-        """Root-namespace policies first, then the workload namespace's."""
-        root = self.in_namespace(self.root_namespace)
+    def candidates(
+        self,
+        workload_namespace: str,
+        labels: Mapping[str, str] | None = None,
+        service: str | None = None,
+    ) -> tuple[CompiledPolicy, ...]:
+        """Policies that may select the workload: the root namespace's first.
+
+        A superset of what applies (``CompiledPolicy.selects`` still decides), in
+        evaluation order.
+        """
+        labels = labels or {}
+        root = self._scopes.get(self.root_namespace, _EMPTY_SCOPE).candidates(labels, service)
         if workload_namespace == self.root_namespace:
             return root
-        return root + self.in_namespace(workload_namespace)
+        own = self._scopes.get(workload_namespace, _EMPTY_SCOPE).candidates(labels, service)
+        return root + own

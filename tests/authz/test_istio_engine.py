@@ -652,7 +652,7 @@ def test_evaluation_reads_only_root_and_workload_namespace_policies() -> None:
     assert len(policies.policies) == 1003
 
     decision = evaluate(policies, request())
-    assert decision.policies_considered == 3
+    assert decision.policies_considered == 2  # mine2 selects app=db: the index skips it
     assert decision.allowed
     assert decision.policy_id == "default.mine[rules[0]]"
     assert evaluate(policies, request(workload_namespace="ns7")).policies_considered == 1 + 20
@@ -677,6 +677,73 @@ def test_evaluation_never_calls_selects_on_other_namespaces(
     monkeypatch.setattr(CompiledPolicy, "selects", counting)
     evaluate(policies, request())
     assert seen == ["default.mine"]
+
+
+def test_selector_index_finds_exactly_the_policies_that_select_the_workload(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from authz.istio_policy import CompiledPolicy
+
+    crowd = [
+        policy(f"app{i:04}", rules=EVERYTHING, selector={"matchLabels": {"app": f"svc{i}"}})
+        for i in range(1000)
+    ]
+    mine = [
+        policy(
+            "a-two-labels", rules=GET, selector={"matchLabels": {"app": "api", "version": "v1"}}
+        ),
+        policy(
+            "b-wrong-version", rules=GET, selector={"matchLabels": {"app": "api", "version": "v2"}}
+        ),
+        policy("c-namespace", action="AUDIT", rules=EVERYTHING),
+        policy("d-empty-selector", rules=GET, selector={"matchLabels": {}}),
+        policy("e-service", rules=GET, targetRefs=[{"kind": "Service", "name": "api"}]),
+        policy("f-other-service", rules=GET, targetRefs=[{"kind": "Service", "name": "db"}]),
+        policy(
+            "g-root",
+            namespace="istio-system",
+            rules=GET,
+            selector={"matchLabels": {"version": "v1"}},
+        ),
+    ]
+    policies = load(*crowd, *mine)
+    seen: list[str] = []
+    original = CompiledPolicy.selects
+
+    def counting(self: CompiledPolicy, *args: Any) -> bool:
+        seen.append(self.id)
+        return original(self, *args)
+
+    monkeypatch.setattr(CompiledPolicy, "selects", counting)
+    decision = evaluate(policies, request())
+    # Root first, then name order; the crowd of other apps is never looked at.
+    assert seen == [
+        "istio-system.g-root",
+        "default.a-two-labels",
+        "default.b-wrong-version",
+        "default.c-namespace",
+        "default.d-empty-selector",
+        "default.e-service",
+    ]
+    assert decision.policy_id == "istio-system.g-root[rules[0]]"
+    assert decision.audit_policy_ids == ("default.c-namespace[rules[0]]",)
+    # The index only narrows: the same decision as checking every policy's selector.
+    for labels in ({"app": "svc7"}, {"app": "api"}, {}, {"version": "v1", "app": "svc3"}):
+        view = request(workload_labels=labels, workload_service=None)
+        applicable = [
+            p.id
+            for p in policies.candidates("default", labels)
+            if original(p, "default", labels, None)
+        ]
+        everything = [
+            p.id
+            for p in policies.in_namespace("istio-system") + policies.in_namespace("default")
+            if original(p, "default", labels, None)
+        ]
+        assert applicable == everything
+        assert evaluate(policies, view).policies_considered >= len(applicable)
+    svc7 = evaluate(policies, request(workload_labels={"app": "svc7"}, workload_service=None))
+    assert svc7.policy_id == "default.app0007[rules[0]]"
 
 
 def test_policy_set_is_immutable_and_rejects_duplicates() -> None:
