@@ -448,6 +448,10 @@ class _Compiler:
         if rule is None:
             return None
         self._known_keys(rule, _RULE_KEYS, field)
+        for key in ("from", "to"):
+            # Istio rejects `from: []`: read as "no constraint" it would match everyone.
+            if rule.get(key) == []:
+                self._error(f"{field}.{key}", "must not be empty; remove it or list entries")
         sources = tuple(
             self._block(item, f"{field}.from[{i}]", "source", self._source_clauses)
             for i, item in enumerate(self._list(rule.get("from") or [], f"{field}.from"))
@@ -483,6 +487,13 @@ class _Compiler:
             return ()
         mapping = self._mapping(body, where)
         if mapping is None:
+            return ()
+        if all(v == [] or v is None for v in mapping.values()):
+            # Only empty lists would constrain nothing: an ALLOW would allow anyone.
+            self._error(
+                where,
+                f"has only empty lists; list at least one value (Istio rejects an empty {inner})",
+            )
             return ()
         return tuple(compile_fields(mapping, where))
 
@@ -565,7 +576,7 @@ class _Compiler:
             self._error(f"{field}.key", f"unknown key {key!r}; use one of {_WHEN_KEYS_HELP}")
             return []
         attribute, sub_key = parsed
-        if "values" not in condition and "notValues" not in condition:
+        if not condition.get("values") and not condition.get("notValues"):
             self._error(field, f"set at least one of values or notValues for {key!r}")
             return []
         compile_one = self._compiler_for(attribute)

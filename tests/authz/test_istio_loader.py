@@ -330,6 +330,37 @@ ERROR_CASES: list[tuple[str, str, str, str]] = [
         "spec.rules[0].to[0].operation.path",
         "unknown field",
     ),
+    # Istio rejects these; read literally they would constrain nothing (allow anyone).
+    (
+        "source of empty lists",
+        spec_doc(source(principals=[], notNamespaces=[])),
+        "spec.rules[0].from[0].source",
+        "has only empty lists; list at least one value (Istio rejects an empty source)",
+    ),
+    (
+        "operation of empty lists",
+        spec_doc(operation(methods=[])),
+        "spec.rules[0].to[0].operation",
+        "has only empty lists; list at least one value (Istio rejects an empty operation)",
+    ),
+    (
+        "empty from",
+        spec_doc(rule(**{"from": []})),
+        "spec.rules[0].from",
+        "must not be empty; remove it or list entries",
+    ),
+    (
+        "empty to",
+        spec_doc(rule(to=[])),
+        "spec.rules[0].to",
+        "must not be empty; remove it or list entries",
+    ),
+    (
+        "condition with empty values and notValues",
+        spec_doc(condition(key="source.ip", values=[], notValues=[])),
+        "spec.rules[0].when[0]",
+        "set at least one of values or notValues for 'source.ip'",
+    ),
     (
         "values not list",
         spec_doc(operation(methods="GET")),
