@@ -243,7 +243,9 @@ def agent(
     help="Policy directory (istio/ and rego/ inside).",
 )
 @click.option(
-    "--listen", default="127.0.0.1:9191", show_default=True, help="host:port or unix:PATH"
+    "--listen",
+    help="host:port, unix:///abs/path.sock or an absolute path "
+    "(authz.listen; default 127.0.0.1:9191).",
 )
 @click.option("--trust-domain", help="Trust domain (env MESHWARD_TRUST_DOMAIN).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
@@ -253,16 +255,26 @@ def authz_command(
     data_dir: Path | None,
     output: str,
     policies: Path,
-    listen: str,
+    listen: str | None,
     trust_domain: str | None,
     log_level: str | None,
 ) -> None:
-    """Run the Envoy ext_authz server (Istio AuthorizationPolicy), reloading policies on change."""
+    """Run the Envoy ext_authz server (Istio AuthorizationPolicy), reloading policies on change.
+
+    gRPC Check, health and reflection on --listen (mTLS with the process's own SVID when
+    authz.tls is set); /live, /ready and /metrics on authz.health_listen.
+    """
     from meshward.authz_runtime import run_authz
 
-    config = _config(config_path, data_dir=data_dir, trust_domain=trust_domain, log_level=log_level)
+    config = _config(
+        config_path,
+        data_dir=data_dir,
+        trust_domain=trust_domain,
+        log_level=log_level,
+        **{"authz.listen": listen},
+    )
     _logging(config)
-    run_authz(config, policies=policies, listen=listen)
+    run_authz(config, policies=policies)
 
 
 @cli.group()
@@ -276,6 +288,7 @@ def policy() -> None:
     "directory", type=click.Path(path_type=Path, file_okay=False), default=Path("policies")
 )
 @click.option("--trust-domain", help="Trust domain (env MESHWARD_TRUST_DOMAIN).")
+@click.option("--strict", is_flag=True, help="Exit 1 on warnings too, not only on errors.")
 @handle_errors
 def policy_lint(
     config_path: Path | None,
@@ -283,30 +296,53 @@ def policy_lint(
     output: str,
     directory: Path,
     trust_domain: str | None,
+    strict: bool,
 ) -> None:
-    """Check every AuthorizationPolicy under DIRECTORY/istio; print each problem with its place."""
+    """Check every AuthorizationPolicy under DIRECTORY/istio; print each problem with its place.
+
+    Errors (the policies would not load) exit 1; warnings (policies that load but
+    cannot do what they appear to) exit 0 unless --strict.
+    """
+    from authz.istio_lint import LintFinding, Severity, lint
     from authz.policy_store import PolicyStore
 
     config = _config(config_path, data_dir=data_dir, trust_domain=trust_domain)
+    domain = config.trust_domain or "cluster.local"
+    aliases = tuple(config.authz.trust_domain_aliases)
     store = PolicyStore(
         directory,
-        trust_domain=config.trust_domain or "cluster.local",
-        trust_domain_aliases=tuple(config.authz.trust_domain_aliases),
+        trust_domain=domain,
+        trust_domain_aliases=aliases,
         root_namespace=config.authz.root_namespace,
     )
     logging.getLogger("authz").setLevel(logging.CRITICAL)
-    ok = store.reload()
-    issues = [
-        {"file": i.file, "document": i.document, "field": i.field, "message": i.message}
-        for i in store.issues
-    ]
+    loaded = store.reload()
+    findings = [LintFinding.from_issue(i) for i in store.issues]
+    if loaded and store.current is not None:
+        policy_set = store.current.istio
+        texts: dict[str, str] = {}
+        for file in {p.file for p in policy_set.policies}:
+            try:
+                texts[file] = Path(file).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue  # removed since the load: its value checks are skipped
+        findings += lint(policy_set, trust_domain=domain, trust_domain_aliases=aliases, texts=texts)
+    errors = sum(f.severity is Severity.ERROR for f in findings)
+    warnings = len(findings) - errors
+    ok = loaded and not (strict and warnings)
     count = len(store.current.istio.policies) if store.current else 0
     _emit(
         output,
-        {"ok": ok, "policies": count, "issues": issues},
+        {
+            "ok": ok,
+            "policies": count,
+            "errors": errors,
+            "warnings": warnings,
+            "issues": [f.as_dict() for f in findings],
+        },
         lambda r: (
-            "\n".join(str(i) for i in store.issues)
-            if store.issues
+            "\n".join(str(f) for f in findings)
+            if findings
             else f"{r['policies']} AuthorizationPolicy documents, no problems"
         ),
     )

@@ -26,7 +26,7 @@ from pydantic import (
 from identity.entries import JWT_TTL_RANGE, X509_TTL_RANGE, check_ttl
 from identity.errors import IdentityError
 from identity.keys import KeyType
-from identity.spiffeid import parse_trust_domain
+from identity.spiffeid import parse_spiffe_id, parse_trust_domain
 from meshward.durations import parse_duration
 
 __all__ = ["DEFAULT_DATA_DIR", "ENV_PREFIX", "Config", "ConfigError", "load_config"]
@@ -133,11 +133,67 @@ class AgentConfig(_Section):
     disable_spiffe_cert_validation: bool = False
 
 
+def _grpc_listen(value: str) -> str:
+    """host:port, or a Unix socket as gRPC spells it (``unix:PATH``, ``unix:///abs``)."""
+    if value.startswith("unix://") and not value.startswith("unix:///"):
+        raise ValueError(
+            f"{value!r}: a Unix socket URI has no authority; write unix:///abs/path.sock "
+            "or unix:relative/path.sock"
+        )
+    if value.startswith("unix:"):
+        if not value.removeprefix("unix:").strip("/"):
+            raise ValueError(
+                f"{value!r} names no socket path, e.g. unix:///run/meshward/authz.sock"
+            )
+        return value
+    if value.startswith("/"):
+        return value  # a bare absolute path: host:port never starts with "/"
+    if not value:
+        raise ValueError('"" is not an address, e.g. 127.0.0.1:9191 or unix:///run/authz.sock')
+    try:
+        return _host_port(value)
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not host:port or a Unix socket, e.g. 127.0.0.1:9191 or "
+            "unix:///run/meshward/authz.sock"
+        ) from None
+
+
+def _workload_api_socket(value: str) -> str:
+    # The SPIFFE_ENDPOINT_SOCKET forms: unix:///abs/path or a bare absolute path.
+    path = value.removeprefix("unix://") if value.startswith("unix:///") else value
+    if not path.startswith("/"):
+        raise ValueError(
+            f"{value!r} is not an absolute Unix socket path, e.g. unix:///run/meshward/agent.sock"
+        )
+    return path
+
+
+def _spiffe_id(value: str) -> str:
+    try:
+        parse_spiffe_id(value)
+    except IdentityError as exc:
+        raise ValueError(exc.message) from exc
+    return value
+
+
+class AuthzTLSConfig(_Section):
+    # The agent's Workload API, where the authz process gets its own X509-SVID and bundle.
+    workload_api_socket: Annotated[str, AfterValidator(_workload_api_socket)]
+    # Empty: any client whose certificate chains to the bundle; else only these SPIFFE IDs.
+    allowed_clients: list[Annotated[str, AfterValidator(_spiffe_id)]] = []
+    # How long to wait for the first SVID before giving up (never serving plaintext).
+    svid_timeout: Duration = timedelta(seconds=30)
+
+
 class AuthzConfig(_Section):
+    listen: Annotated[str, AfterValidator(_grpc_listen)] = "127.0.0.1:9191"  # ext_authz gRPC
+    health_listen: HostPort = "127.0.0.1:9192"  # /live /ready /metrics; "" turns it off
     root_namespace: str = "istio-system"  # its policies apply mesh-wide, as in Istio
     trust_domain_aliases: list[str] = []  # principals in these trust domains match ours
     explain_denials: bool = False  # name the deciding policy in the 403 body
     reload_interval: Duration = timedelta(seconds=1)
+    tls: AuthzTLSConfig | None = None  # mTLS on the gRPC listener with the process's own SVID
 
 
 class Config(_Section):

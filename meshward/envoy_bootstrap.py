@@ -120,9 +120,27 @@ _EXT_AUTHZ_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.
 AUTHZ_CLUSTER = "meshward_authz"
 
 
-def authz_cluster(port: int) -> dict[str, Any]:
-    """``meshward authz`` on loopback."""
-    return _grpc_cluster(AUTHZ_CLUSTER, _socket_address("127.0.0.1", port))
+def authz_cluster(port: int, *, authz_id: str | None = None) -> dict[str, Any]:
+    """``meshward authz`` on loopback; with ``authz_id``, over mTLS.
+
+    The sidecar then presents its own SVID (``default`` from the agent over SDS, the
+    same certificate its listener serves) and requires authz to present ``authz_id``,
+    which ``meshward authz`` does with ``authz.tls`` set (its SVID from the same agent).
+    """
+    cluster = _grpc_cluster(AUTHZ_CLUSTER, _socket_address("127.0.0.1", port))
+    if authz_id is not None:
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": _UPSTREAM_TLS,
+                # gRPC servers negotiate HTTP/2 by ALPN.
+                "common_tls_context": {
+                    **common_tls_context(peer_id=authz_id),
+                    "alpn_protocols": ["h2"],
+                },
+            },
+        }
+    return cluster
 
 
 def ext_authz_filter() -> dict[str, Any]:
@@ -257,11 +275,12 @@ def server_bootstrap(
     metadata: dict[str, Any] | None = None,
     authz_port: int | None = None,
     workload: tuple[str, dict[str, str], str | None] = ("default", {}, None),
+    authz_id: str | None = None,
 ) -> dict[str, Any]:
     """mTLS in on ``listen_port`` from ``client_id`` only, answered with 200 by Envoy itself.
 
     With ``authz_port`` every request is first checked by ``meshward authz`` there, for
-    ``workload`` (namespace, labels, service).
+    ``workload`` (namespace, labels, service); with ``authz_id`` too, over mTLS.
     """
     tls = {
         "name": "envoy.transport_sockets.tls",
@@ -276,7 +295,7 @@ def server_bootstrap(
     filters = None
     if authz_port is not None:
         route["typed_per_filter_config"] = workload_extensions(*workload)
-        clusters.append(authz_cluster(authz_port))
+        clusters.append(authz_cluster(authz_port, authz_id=authz_id))
         filters = [ext_authz_filter()]
     return {
         "node": _node(node_id, metadata),
@@ -299,10 +318,12 @@ def sidecar_bootstrap(
     app_port: int,
     inbound_port: int = 15006,
     admin_port: int = 15000,
+    authz_id: str | None = None,
 ) -> dict[str, Any]:
     """An inbound sidecar: mTLS with the workload's SVID, every request checked by authz.
 
-    Requests that pass go to the application on 127.0.0.1:``app_port``.
+    Requests that pass go to the application on 127.0.0.1:``app_port``. With ``authz_id``
+    the sidecar reaches authz over mTLS and requires that SPIFFE ID of it.
     """
     tls = {
         "name": "envoy.transport_sockets.tls",
@@ -338,6 +359,10 @@ def sidecar_bootstrap(
             "listeners": [
                 _http_listener("inbound", inbound_port, route, tls, [ext_authz_filter()])
             ],
-            "clusters": [app, agent_cluster(agent_socket), authz_cluster(authz_port)],
+            "clusters": [
+                app,
+                agent_cluster(agent_socket),
+                authz_cluster(authz_port, authz_id=authz_id),
+            ],
         },
     }

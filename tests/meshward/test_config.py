@@ -308,6 +308,115 @@ def test_health_listen_may_be_turned_off() -> None:
     assert load_config(None, env={"MESHWARD_SERVER__HEALTH_LISTEN": ""}).server.health_listen == ""
 
 
+# -- authz ----------------------------------------------------------------------------
+
+
+def test_authz_defaults() -> None:
+    authz = load_config(None, env={}).authz
+    assert authz.listen == "127.0.0.1:9191"
+    assert authz.health_listen == "127.0.0.1:9192"
+    assert authz.tls is None
+
+
+def test_authz_tls_from_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "c.yaml",
+        """
+authz:
+  listen: unix:///run/meshward/authz.sock
+  health_listen: ""
+  tls:
+    workload_api_socket: unix:///run/meshward/agent.sock
+    allowed_clients:
+    - spiffe://example.org/ns/default/sa/envoy
+    - spiffe://partner.example/ns/edge/sa/gateway
+    svid_timeout: 2m
+""",
+    )
+    authz = load_config(path, env={}).authz
+    assert authz.listen == "unix:///run/meshward/authz.sock"
+    assert authz.health_listen == ""
+    assert authz.tls is not None
+    # The SPIFFE_ENDPOINT_SOCKET form and a bare path mean the same socket.
+    assert authz.tls.workload_api_socket == "/run/meshward/agent.sock"
+    assert authz.tls.allowed_clients == [
+        "spiffe://example.org/ns/default/sa/envoy",
+        "spiffe://partner.example/ns/edge/sa/gateway",
+    ]
+    assert authz.tls.svid_timeout == timedelta(minutes=2)
+    minimal = load_config(
+        None, env={"MESHWARD_AUTHZ__TLS__WORKLOAD_API_SOCKET": "/run/agent.sock"}
+    ).authz.tls
+    assert minimal is not None
+    assert minimal.allowed_clients == []
+    assert minimal.svid_timeout == timedelta(seconds=30)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "127.0.0.1:9191",
+        "0.0.0.0:0",
+        "[::1]:9191",
+        "unix:///run/meshward/authz.sock",
+        "unix:/run/meshward/authz.sock",
+        "unix:authz.sock",
+        "/run/meshward/authz.sock",
+    ],
+)
+def test_authz_listen_accepts_tcp_and_grpc_unix_addresses(value: str) -> None:
+    assert load_config(None, env={}, flags={"authz.listen": value}).authz.listen == value
+
+
+@pytest.mark.parametrize(
+    ("value", "hint"),
+    [
+        ("", "is not an address"),
+        ("authz", "is not host:port or a Unix socket"),
+        ("127.0.0.1:http", "is not host:port or a Unix socket"),
+        ("unix:", "names no socket path"),
+        ("unix://host/authz.sock", "has no authority"),
+    ],
+)
+def test_authz_listen_refused_names_the_flag(value: str, hint: str) -> None:
+    message = config_error(**{"authz.listen": value})
+    assert message.startswith("config authz.listen: ")
+    assert hint in message
+    assert message.endswith("(from flag --listen)")
+
+
+def test_authz_tls_needs_the_workload_api_socket(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.yaml", "authz:\n  tls:\n    allowed_clients: []\n")
+    message = config_error(path)
+    assert message.startswith("config authz.tls.workload_api_socket: ")
+    assert "required" in message.lower()
+
+
+@pytest.mark.parametrize("value", ["agent.sock", "unix:agent.sock", "tcp://127.0.0.1:1"])
+def test_authz_tls_socket_must_be_an_absolute_unix_path(value: str) -> None:
+    message = config_error(env={"MESHWARD_AUTHZ__TLS__WORKLOAD_API_SOCKET": value})
+    assert message.startswith("config authz.tls.workload_api_socket: ")
+    assert "absolute Unix socket path" in message
+
+
+def test_authz_allowed_clients_must_be_spiffe_ids(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "c.yaml",
+        "authz:\n  tls:\n    workload_api_socket: /run/agent.sock\n"
+        "    allowed_clients: [spiffe://example.org/ok, envoy, spiffe://Example.org/x]\n",
+    )
+    lines = config_error(path).splitlines()
+    assert lines[0].startswith("config authz.tls.allowed_clients.1: 'envoy' is not a valid")
+    assert lines[1].startswith("config authz.tls.allowed_clients.2: ")
+    assert "lowercase" in lines[1]
+
+
+def test_authz_tls_unknown_key(tmp_path: Path) -> None:
+    path = write(tmp_path / "c.yaml", "authz:\n  tls:\n    workload_api_sock: /run/a.sock\n")
+    message = config_error(path)
+    assert "config authz.tls.workload_api_sock: unknown key" in message
+
+
 @pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "42\n"])
 def test_yaml_that_is_not_a_mapping(tmp_path: Path, text: str) -> None:
     path = write(tmp_path / "c.yaml", text)
