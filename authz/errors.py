@@ -40,15 +40,18 @@ class PolicyIssue:
     ``document`` is the 0-based index of the YAML document within ``file``;
     ``field`` is a path such as ``spec.rules[0].to[0].operation.paths[1]`` (empty
     when the problem is with the document as a whole, e.g. a YAML syntax error).
+    ``line`` (1-based) is set for files that are not YAML document streams, such as
+    Rego modules; those print as ``file:line`` and keep ``document`` 0.
     """
 
     file: str
     document: int
     field: str
     message: str
+    line: int | None = None
 
     def __str__(self) -> str:
-        where = f"{self.file}[{self.document}]"
+        where = f"{self.file}[{self.document}]" if self.line is None else f"{self.file}:{self.line}"
         return (
             f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
         )
