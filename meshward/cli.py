@@ -373,6 +373,10 @@ def envoy() -> None:
     "--authz-port", type=int, default=9191, show_default=True, help="meshward authz on loopback."
 )
 @click.option(
+    "--authz-spiffe-id",
+    help="Reach authz over mTLS and require this SPIFFE ID (authz.tls on the authz side).",
+)
+@click.option(
     "--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True
 )
 @handle_errors
@@ -386,6 +390,7 @@ def envoy_bootstrap(
     admin_port: int,
     agent_socket: Path,
     authz_port: int,
+    authz_spiffe_id: str | None,
     fmt: str,
 ) -> None:
     """Print an inbound sidecar bootstrap: mTLS with SVIDs from the agent, ext_authz to authz."""
@@ -406,6 +411,7 @@ def envoy_bootstrap(
         service=service,
         agent_socket=agent_socket.absolute(),
         authz_port=authz_port,
+        authz_id=_spiffe_id_option(authz_spiffe_id, "--authz-spiffe-id"),
         app_port=app_port,
         inbound_port=inbound_port,
         admin_port=admin_port,
@@ -414,6 +420,18 @@ def envoy_bootstrap(
         click.echo(json.dumps(bootstrap, indent=2))
     else:
         click.echo(yaml.safe_dump(bootstrap, sort_keys=False), nl=False)
+
+
+def _spiffe_id_option(value: str | None, option: str) -> str | None:
+    from identity.errors import IdentityError
+    from identity.spiffeid import parse_spiffe_id
+
+    if value is None:
+        return None
+    try:
+        return str(parse_spiffe_id(value))
+    except IdentityError as exc:
+        raise click.BadParameter(exc.message, param_hint=option) from exc
 
 
 # -- entries ---------------------------------------------------------------------------

@@ -152,6 +152,9 @@ def ext_authz_filter() -> dict[str, Any]:
             "transport_api_version": "V3",
             "failure_mode_allow": False,
             "grpc_service": {"envoy_grpc": {"cluster_name": AUTHZ_CLUSTER}, "timeout": "1s"},
+            # Rego policies read parsed_body; a larger body is sent cut short and marked
+            # (truncated_body), as in OPA-Envoy's recommended setup.
+            "with_request_body": {"max_request_bytes": 8192, "allow_partial_message": True},
         },
     }
 

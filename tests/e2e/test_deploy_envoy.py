@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from meshward.envoy_bootstrap import client_bootstrap, server_bootstrap
+from meshward.envoy_bootstrap import client_bootstrap, server_bootstrap, sidecar_bootstrap
 from tests.e2e.envoys import ENVOY
 from tests.e2e.processes import run_cli
 
@@ -16,7 +16,9 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "envoy"
 SOCKET = Path("/run/meshward/agent.sock")
 
 
-@pytest.mark.parametrize("name", ["sidecar-inbound.yaml", "sidecar-outbound.yaml"])
+@pytest.mark.parametrize(
+    "name", ["sidecar-inbound.yaml", "sidecar-outbound.yaml", "sidecar-authz.yaml"]
+)
 def test_snippet_is_a_valid_envoy_config(name: str) -> None:
     done = subprocess.run(
         [str(ENVOY), "--mode", "validate", "-c", str(DEPLOY / name)],
@@ -47,6 +49,17 @@ def test_snippets_are_the_bootstraps_the_end_to_end_tests_run() -> None:
     )
     assert yaml.safe_load((DEPLOY / "sidecar-inbound.yaml").read_text()) == inbound
     assert yaml.safe_load((DEPLOY / "sidecar-outbound.yaml").read_text()) == outbound
+    with_authz = sidecar_bootstrap(
+        workload="reviews",
+        namespace="default",
+        labels={"app": "reviews", "version": "v1"},
+        service="reviews",
+        agent_socket=SOCKET,
+        authz_port=9191,
+        authz_id="spiffe://example.org/meshward/authz",
+        app_port=9080,
+    )
+    assert yaml.safe_load((DEPLOY / "sidecar-authz.yaml").read_text()) == with_authz
 
 
 def test_envoy_bootstrap_command_prints_a_valid_sidecar(tmp_path: Path) -> None:
@@ -93,6 +106,25 @@ def test_envoy_bootstrap_command_prints_a_valid_sidecar(tmp_path: Path) -> None:
         "service": "reviews",
     }
     assert route["route"] == {"cluster": "app"}
+
+
+def test_envoy_bootstrap_refuses_a_malformed_authz_spiffe_id() -> None:
+    result = run_cli(
+        "envoy",
+        "bootstrap",
+        "--workload",
+        "r",
+        "--namespace",
+        "d",
+        "--app-port",
+        "1",
+        "--authz-spiffe-id",
+        "example.org/authz",
+    )
+    assert result.returncode != 0
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: Invalid value for --authz-spiffe-id: ")
+    assert "spiffe://" in line
 
 
 def test_envoy_bootstrap_refuses_a_malformed_label() -> None:
