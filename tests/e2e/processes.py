@@ -21,13 +21,16 @@ import pytest
 __all__ = [
     "MESHWARD",
     "AgentProcess",
+    "AuthzProcess",
     "CliResult",
     "ServerProcess",
     "agent_env",
     "cli_env",
     "free_port",
+    "register",
     "run_cli",
     "running_agent",
+    "running_authz",
     "running_server",
     "write_config",
 ]
@@ -298,3 +301,77 @@ def running_agent(
         yield agent
     finally:
         agent.terminate()
+
+
+def register(server: ServerProcess, spiffe_id: str, uid: int, *, ttl: str = "20s") -> None:
+    """An entry for ``spiffe_id``: any process of ``uid`` on the server's agent gets it."""
+    run_cli(
+        "entry",
+        "create",
+        "--spiffe-id",
+        spiffe_id,
+        "--selector",
+        f"unix:uid:{uid}",
+        "--x509-svid-ttl",
+        ttl,
+        "--data-dir",
+        server.data_dir,
+    ).ok()
+
+
+@dataclass(frozen=True)
+class AuthzProcess:
+    """A `meshward authz` subprocess serving ``policies`` on ``port``."""
+
+    port: int
+    policies: Path  # holds istio/
+    audit: Path  # the decision records, one JSON line each
+    log: Path
+    process: subprocess.Popen[bytes]
+
+
+@contextmanager
+def running_authz(
+    root: Path, policies: Mapping[str, str], *, env: Mapping[str, str] | None = None
+) -> Iterator[AuthzProcess]:
+    """`meshward authz` on ``root/policies``, whose ``istio/`` holds ``policies`` (name: YAML).
+
+    Yields once a policy set is served; ``env`` adds variables (MESHWARD_AUTHZ__*).
+    """
+    istio = root / "policies" / "istio"
+    istio.mkdir(parents=True)
+    for name, text in policies.items():
+        (istio / name).write_text(text)
+    port = free_port()
+    log = root / "authz.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                str(MESHWARD),
+                "authz",
+                "--policies",
+                str(istio.parent),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--trust-domain",
+                "example.org",
+                "--data-dir",
+                str(root / "authz-data"),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            # Its health port too is picked now: the default is fixed, and shared by every run.
+            env=cli_env(MESHWARD_AUTHZ__HEALTH_LISTEN=f"127.0.0.1:{free_port()}", **(env or {})),
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while "serving policy set" not in log.read_text():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        yield AuthzProcess(
+            port, istio.parent, root / "authz-data" / "audit" / "decisions.jsonl", log, process
+        )
+    finally:
+        process.terminate()
+        assert process.wait(20) == 0, log.read_text()

