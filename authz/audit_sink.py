@@ -25,7 +25,7 @@ class DecisionRecord:
     time: str  # RFC 3339, UTC
     allowed: bool
     reason: str
-    engine: str  # which engine decided: istio, or error
+    engine: str  # which engine decided: istio, rego, or error (no engine could decide)
     policy_id: str | None
     policy_set_version: str | None
     source_principal: str | None
@@ -35,8 +35,18 @@ class DecisionRecord:
     host: str | None
     path: str | None
     audit_policy_ids: tuple[str, ...] = ()
-    dry_run: dict[str, Any] | None = None
+    dry_run: dict[str, Any] | None = None  # the dry-run dynamic metadata of the response
     error: str | None = None
+    # Set when the Rego engine ran for this request. Results are summaries:
+    # {"allowed", "reason", "http_status" (on deny)}, never a header value or a body.
+    rego_decision: str | None = None  # the decision path, data.envoy.authz.allow
+    rego_result: dict[str, Any] | None = None
+    rego_enforced: bool | None = None  # False: dry-run (authz.rego.dry_run or its package)
+    rego_error: str | None = None  # why there was no usable decision (undefined, ...)
+    # The full set's result with the dry-run packages, when it differs from rego_result;
+    # also {"dry_run_packages": [...]}.
+    rego_shadow: dict[str, Any] | None = None
+    body_error: str | None = None  # why input.parsed_body is absent (invalid_json, ...)
 
 
 class AuditSink(Protocol):

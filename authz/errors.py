@@ -1,12 +1,13 @@
 """Errors raised by the authz package.
 
-Every error names what the user must fix; policy load errors carry the file, the
-YAML document index and the field path so ``meshward policy lint`` can print them
-as they are::
+Every error names what the user must fix; policy load errors carry the file and the
+YAML document index and field path (AuthorizationPolicy) or the line (Rego) so
+``meshward policy lint`` can print them as they are::
 
     AuthzError
-    ├── PolicyLoadError     one or more AuthorizationPolicy documents are invalid
-    │                       (``issues`` lists every problem found, not just the first)
+    ├── PolicyLoadError     the policy directory cannot be served: AuthorizationPolicy
+    │                       documents or Rego modules/data are invalid (``issues``
+    │                       lists every problem found, not just the first)
     ├── BadRequestError     a CheckRequest cannot be turned into a request view;
     │                       ``reason`` names why (``too_many_headers`` …), and the
     │                       server denies with it (fail closed)
@@ -65,7 +66,7 @@ class PolicyLoadError(AuthzError):
     def __init__(self, issues: Sequence[PolicyIssue]) -> None:
         self.issues = list(issues)
         lines = "\n".join(f"  {issue}" for issue in self.issues)
-        super().__init__(f"{len(self.issues)} problem(s) in the Istio policies:\n{lines}")
+        super().__init__(f"{len(self.issues)} problem(s) in the policy directory:\n{lines}")
 
 
 class BadRequestError(AuthzError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,14 @@ from authz.istio_policy import (
     is_path_template,
 )
 
-__all__ = ["API_VERSIONS", "KNOWN_PROVIDERS", "WHEN_KEYS", "load_policies", "parse_documents"]
+__all__ = [
+    "API_VERSIONS",
+    "KNOWN_PROVIDERS",
+    "WHEN_KEYS",
+    "load_policies",
+    "load_policy_sources",
+    "parse_documents",
+]
 
 API_VERSIONS = frozenset({"security.istio.io/v1", "security.istio.io/v1beta1"})
 KNOWN_PROVIDERS = frozenset({"rego"})
@@ -108,7 +115,6 @@ def load_policies(
     trust_domain_aliases: Iterable[str] = (),
 ) -> PolicySet:
     """Read every policy file under ``directory``; raise PolicyLoadError listing all problems."""
-    issues: list[PolicyIssue] = []
     if not directory.is_dir():
         raise PolicyLoadError(
             [PolicyIssue(str(directory), 0, "", "is not a directory of AuthorizationPolicy YAML")]
@@ -120,15 +126,41 @@ def load_policies(
         and p.is_file()
         and not any(part.startswith(".") for part in p.relative_to(directory).parts)
     )
-    compiler = _Compiler(trust_domain, tuple(trust_domain_aliases), issues)
-    policies: list[CompiledPolicy] = []
+    issues: list[PolicyIssue] = []
+    sources: list[tuple[str, bytes]] = []
     for path in files:
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
+            sources.append((str(path), path.read_bytes()))
+        except OSError as exc:
             issues.append(PolicyIssue(str(path), 0, "", f"cannot be read: {exc}"))
+    return load_policy_sources(
+        sources,
+        root_namespace=root_namespace,
+        trust_domain=trust_domain,
+        trust_domain_aliases=trust_domain_aliases,
+        issues=issues,
+    )
+
+
+def load_policy_sources(
+    sources: Sequence[tuple[str, bytes]],
+    *,
+    root_namespace: str = "istio-system",
+    trust_domain: str,
+    trust_domain_aliases: Iterable[str] = (),
+    issues: list[PolicyIssue] | None = None,
+) -> PolicySet:
+    """Like ``load_policies`` for (file name, contents) already read."""
+    issues = issues if issues is not None else []
+    compiler = _Compiler(trust_domain, tuple(trust_domain_aliases), issues)
+    policies: list[CompiledPolicy] = []
+    for file, raw in sources:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            issues.append(PolicyIssue(file, 0, "", f"cannot be read: {exc}"))
             continue
-        policies.extend(compiler.compile_file(str(path), text))
+        policies.extend(compiler.compile_file(file, text))
     return _finish(policies, root_namespace, issues)
 
 

@@ -1,22 +1,34 @@
 """The policy set being served, replaced atomically when the policy directory changes.
 
-A reload compiles the whole directory first and swaps it in only if every document
-is valid; otherwise the last good set keeps serving and the problems are kept for
-``/ready``, the logs and metrics. No request is ever decided against a half-loaded set:
-readers take one reference to an immutable :class:`ServedPolicies`.
+The directory holds ``istio/`` (AuthorizationPolicy YAML) and ``rego/`` (modules and
+data documents). A reload compiles both and swaps them in together, as one
+:class:`ServedPolicies` with one version, only if everything is valid; otherwise the
+last good set keeps serving and the problems of both kinds are kept for ``/ready``,
+the logs and metrics. No request is ever decided against a half-loaded set: readers
+take one reference to an immutable :class:`ServedPolicies`.
+
+``rego/`` without modules means no Rego engine (``rego`` is None). Rego test modules
+(``*_test.rego``) are never served, so they are neither watched nor part of the
+version: editing a test reloads nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from authz.errors import PolicyIssue, PolicyLoadError
-from authz.istio_loader import load_policies
+from authz.istio_loader import load_policy_sources
 from authz.istio_policy import PolicySet
+from authz.rego_engine import (
+    DEFAULT_DECISION_PATH,
+    RegoEngine,
+    is_rego_source,
+    load_rego_sources,
+)
 
 __all__ = ["PolicyStore", "ServedPolicies"]
 
@@ -26,7 +38,8 @@ log = logging.getLogger(__name__)
 @dataclass(slots=True, frozen=True)
 class ServedPolicies:
     istio: PolicySet
-    version: str  # digest of the policy files, recorded with every decision
+    rego: RegoEngine | None  # None: rego/ holds no modules
+    version: str  # digest of the istio/ and rego/ files, recorded with every decision
 
 
 class PolicyStore:
@@ -37,12 +50,16 @@ class PolicyStore:
         trust_domain: str,
         trust_domain_aliases: tuple[str, ...] = (),
         root_namespace: str = "istio-system",
+        rego_decision: str = DEFAULT_DECISION_PATH,
+        rego_dry_run_packages: Iterable[str] = (),
         on_reload: Callable[[bool], None] | None = None,
     ) -> None:
         self.directory = directory
         self._trust_domain = trust_domain
         self._aliases = trust_domain_aliases
         self._root_namespace = root_namespace
+        self._rego_decision = rego_decision
+        self._rego_dry_run_packages = tuple(rego_dry_run_packages)
         self._on_reload = on_reload
         self.current: ServedPolicies | None = None
         self.issues: list[PolicyIssue] = []
@@ -52,47 +69,87 @@ class PolicyStore:
     def istio_dir(self) -> Path:
         return self.directory / "istio"
 
+    @property
+    def rego_dir(self) -> Path:
+        return self.directory / "rego"
+
     def reload(self) -> bool:
         """Load the directory; True if a new set is now served. Never raises for bad policies."""
         signature = self._files_signature()
+        # Each file is read once: the engines compile and the version digests the same
+        # bytes, so a file rewritten during the reload cannot be served under the
+        # version of other contents.
+        issues: list[PolicyIssue] = []
+        istio_sources = self._read(sorted(self._istio_files()), issues)
+        rego_sources = self._read(sorted(self._rego_files()), issues)
+        istio = PolicySet(policies=(), root_namespace=self._root_namespace)
         try:
-            istio = (
-                load_policies(
-                    self.istio_dir,
-                    root_namespace=self._root_namespace,
-                    trust_domain=self._trust_domain,
-                    trust_domain_aliases=self._aliases,
-                )
-                if self.istio_dir.exists()
-                else PolicySet(policies=(), root_namespace=self._root_namespace)
+            istio = load_policy_sources(
+                [(str(path), raw) for path, raw in istio_sources],
+                root_namespace=self._root_namespace,
+                trust_domain=self._trust_domain,
+                trust_domain_aliases=self._aliases,
             )
         except PolicyLoadError as exc:
-            self._signature = signature
-            self.issues = exc.issues
-            log.error("authz: policies not loaded, the last good set keeps serving:\n%s", exc)
+            issues.extend(exc.issues)
+        rego: RegoEngine | None = None
+        if any(path.suffix == ".rego" for path, _ in rego_sources):
+            try:
+                rego = load_rego_sources(
+                    self.rego_dir,
+                    rego_sources,
+                    decision_path=self._rego_decision,
+                    dry_run_packages=self._rego_dry_run_packages,
+                )
+            except PolicyLoadError as exc:
+                issues.extend(exc.issues)
+        self._signature = signature
+        if issues:
+            self.issues = issues
+            log.error(
+                "authz: policies not loaded, the last good set keeps serving:\n%s",
+                PolicyLoadError(issues),
+            )
             if self._on_reload:
                 self._on_reload(False)
             return False
-        self._signature = signature
         self.issues = []
-        self.current = ServedPolicies(istio=istio, version=self._digest())
+        version = self._digest(istio_sources + rego_sources)
+        self.current = ServedPolicies(istio=istio, rego=rego, version=version)
         log.info(
-            "authz: serving policy set %s (%d Istio policies)",
+            "authz: serving policy set %s (%d Istio policies)%s",
             self.current.version,
             len(istio.policies),
+            f" and Rego {rego.decision} ({rego.modules} modules)" if rego else "",
         )
         if self._on_reload:
             self._on_reload(True)
         return True
+
+    @staticmethod
+    def _read(paths: Iterable[Path], issues: list[PolicyIssue]) -> list[tuple[Path, bytes]]:
+        out: list[tuple[Path, bytes]] = []
+        for path in paths:
+            try:
+                out.append((path, path.read_bytes()))
+            except FileNotFoundError:
+                continue  # removed since it was listed: the next signature check reloads
+            except OSError as exc:
+                issues.append(PolicyIssue(str(path), 0, "", f"cannot be read: {exc}"))
+        return out
 
     def changed(self) -> bool:
         """Cheap check (names, sizes, mtimes) whether the directory differs from the last load."""
         return self._files_signature() != self._signature
 
     def _files(self) -> list[Path]:
-        if not self.istio_dir.exists():
-            return []
-        return sorted(p for p in self.istio_dir.rglob("*") if p.suffix in (".yaml", ".yml"))
+        return sorted(self._istio_files()) + sorted(self._rego_files())
+
+    def _istio_files(self) -> Iterable[Path]:
+        return _under(self.istio_dir, lambda p: p.suffix in (".yaml", ".yml"))
+
+    def _rego_files(self) -> Iterable[Path]:
+        return _under(self.rego_dir, is_rego_source)
 
     def _files_signature(self) -> tuple[tuple[str, int, int], ...]:
         out = []
@@ -104,12 +161,23 @@ class PolicyStore:
             out.append((str(path), st.st_size, st.st_mtime_ns))
         return tuple(out)
 
-    def _digest(self) -> str:
+    def _digest(self, sources: Iterable[tuple[Path, bytes]]) -> str:
         digest = hashlib.sha256()
-        for path in self._files():
+        for path, raw in sources:
             digest.update(str(path.relative_to(self.directory)).encode() + b"\0")
-            try:
-                digest.update(path.read_bytes())
-            except OSError:
-                continue
+            digest.update(raw)
         return digest.hexdigest()[:16]
+
+
+def _under(directory: Path, wanted: Callable[[Path], bool]) -> list[Path]:
+    # Hidden entries are skipped as the loaders skip them: an editor's swap file or a
+    # `..data` symlink farm must not make a reload (or a new version) of its own.
+    if not directory.is_dir():
+        return []
+    return [
+        p
+        for p in directory.rglob("*")
+        if wanted(p)
+        and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+        and p.is_file()
+    ]

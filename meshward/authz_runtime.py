@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from authz.audit_sink import AuditSink, JsonLinesSink
 from authz.client_identity import AllowedClients
 from authz.policy_store import PolicyStore
+from authz.rego_provider import RegoSettings
 from authz.server import AuthorizationServicer
 from authz.workload_svid import SvidCredentials, WorkloadSvidWatcher
 from identity.health_api import health_router
@@ -58,11 +59,14 @@ def build_authz(
         ["outcome"],
         registry=registry,
     )
+    rego = config.authz.rego
     store = PolicyStore(
         policies,
         trust_domain=config.trust_domain,
         trust_domain_aliases=tuple(config.authz.trust_domain_aliases),
         root_namespace=config.authz.root_namespace,
+        rego_decision=rego.decision,
+        rego_dry_run_packages=tuple(rego.dry_run_packages),
         on_reload=lambda ok: reloads.labels("ok" if ok else "error").inc(),
     )
     Gauge(
@@ -71,7 +75,17 @@ def build_authz(
         registry=registry,
     ).set_function(lambda: len(store.issues))
     servicer = AuthorizationServicer(
-        store=store, sink=sink, registry=registry, explain_denials=config.authz.explain_denials
+        store=store,
+        sink=sink,
+        registry=registry,
+        explain_denials=config.authz.explain_denials,
+        rego=RegoSettings(
+            mode=rego.mode,
+            dry_run=rego.dry_run,
+            parse_body=rego.parse_body,
+            max_body_bytes=rego.max_body_bytes,
+            timeout=rego.timeout.total_seconds(),
+        ),
     )
     return store, servicer
 
@@ -141,7 +155,11 @@ def _probe_tcp(listen: str) -> None:
 
 
 class AuthzStatus:
-    """What ``/ready`` reports: the served policy set, the last reload, the SVID."""
+    """What ``/ready`` reports: the served policy set, the last reload, the SVID.
+
+    With ``authz.rego.mode: always`` and no Rego modules served every Check is denied
+    (``rego_not_loaded``), so the process is not ready and ``rego`` says why.
+    """
 
     def __init__(
         self,
@@ -149,29 +167,52 @@ class AuthzStatus:
         *,
         credentials: SvidCredentials | None = None,
         watcher: WorkloadSvidWatcher | None = None,
+        rego_mode: str = "custom",
     ) -> None:
         self._store = store
         self._credentials = credentials
         self._watcher = watcher
+        self._rego_mode = rego_mode
         self.grpc_listening: str | None = None  # the address, once gRPC serves
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         served = self._store.current
         details: dict[str, Any] = {
             "grpc": self.grpc_listening or "not listening yet",
-            "policy_set": (
-                {"version": served.version, "policies": len(served.istio.policies)}
-                if served
-                else None
-            ),
+            "policy_set": self._policy_set(),
             "last_reload": self._last_reload(),
         }
         ok = served is not None and self.grpc_listening is not None
+        if served is not None and served.rego is None and self._rego_mode == "always":
+            details["rego"] = (
+                f"authz.rego.mode is always but {self._store.rego_dir} holds no Rego modules: "
+                "every Check is denied (rego_not_loaded)"
+            )
+            ok = False
         if self._credentials is not None:
             tls, tls_ok = self._tls()
             details["tls"] = tls
             ok = ok and tls_ok
         return ok, details
+
+    def _policy_set(self) -> dict[str, Any] | None:
+        served = self._store.current
+        if served is None:
+            return None
+        rego = served.rego
+        return {
+            "version": served.version,
+            "policies": len(served.istio.policies),
+            "rego": (
+                {
+                    "decision": rego.decision,
+                    "modules": rego.modules,
+                    "dry_run_packages": sorted(rego.dry_run_packages),
+                }
+                if rego
+                else None
+            ),
+        }
 
     def _last_reload(self) -> dict[str, Any]:
         served = self._store.current
@@ -189,7 +230,13 @@ class AuthzStatus:
             "outcome": "rejected",
             "message": message,
             "problems": [
-                {"file": i.file, "document": i.document, "field": i.field, "message": i.message}
+                {
+                    "file": i.file,
+                    "document": i.document,
+                    "field": i.field,
+                    "line": i.line,
+                    "message": i.message,
+                }
                 for i in issues
             ],
         }
@@ -244,7 +291,9 @@ async def _serve(
     if tls is not None:
         credentials = SvidCredentials()
         watcher = WorkloadSvidWatcher(tls.workload_api_socket, credentials)
-    status = AuthzStatus(store, credentials=credentials, watcher=watcher)
+    status = AuthzStatus(
+        store, credentials=credentials, watcher=watcher, rego_mode=config.authz.rego.mode
+    )
     if credentials is not None:
         Gauge(
             "meshward_authz_svid_expiry_timestamp_seconds",

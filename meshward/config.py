@@ -23,6 +23,7 @@ from pydantic import (
     field_validator,
 )
 
+from authz.rego_paths import DEFAULT_DECISION_PATH, parse_decision_path, parse_package_name
 from identity.entries import JWT_TTL_RANGE, X509_TTL_RANGE, check_ttl
 from identity.errors import IdentityError
 from identity.keys import KeyType
@@ -186,6 +187,45 @@ class AuthzTLSConfig(_Section):
     svid_timeout: Duration = timedelta(seconds=30)
 
 
+def _decision_path(value: str) -> str:
+    parse_decision_path(value)
+    return value
+
+
+def _package_name(value: str) -> str:
+    return parse_package_name(value)
+
+
+class AuthzRegoConfig(_Section):
+    # The rule whose value decides, as OPA-Envoy's `path` (envoy/authz/allow).
+    decision: Annotated[str, AfterValidator(_decision_path)] = DEFAULT_DECISION_PATH
+    # custom: Rego runs where an Istio CUSTOM policy names provider `rego`;
+    # always: also on every request Istio allowed.
+    mode: Literal["custom", "always"] = "custom"
+    dry_run: bool = False  # decide and record, never deny (OPA-Envoy's dry-run)
+    # Packages staged like `custom: {dry_run: true}`: shadow-evaluated, not enforced.
+    dry_run_packages: list[Annotated[str, AfterValidator(_package_name)]] = []
+    parse_body: bool = True  # input.parsed_body (OPA-Envoy's skip-request-body-parse inverted)
+    # Bodies above this are not parsed (authz.rego_input.DEFAULT_MAX_BODY_BYTES, not
+    # imported: that module loads the Envoy protos, which every CLI command would pay for).
+    max_body_bytes: int = 1024 * 1024
+    timeout: Duration = timedelta(milliseconds=100)  # a later result is discarded: deny
+
+    @field_validator("max_body_bytes")
+    @classmethod
+    def _max_body(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("must be 0 or more bytes (0: no body is parsed)")
+        return value
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError("must be longer than zero, e.g. 100ms")
+        return value
+
+
 class AuthzConfig(_Section):
     listen: Annotated[str, AfterValidator(_grpc_listen)] = "127.0.0.1:9191"  # ext_authz gRPC
     health_listen: HostPort = "127.0.0.1:9192"  # /live /ready /metrics; "" turns it off
@@ -194,6 +234,7 @@ class AuthzConfig(_Section):
     explain_denials: bool = False  # name the deciding policy in the 403 body
     reload_interval: Duration = timedelta(seconds=1)
     tls: AuthzTLSConfig | None = None  # mTLS on the gRPC listener with the process's own SVID
+    rego: AuthzRegoConfig = AuthzRegoConfig()  # policies/rego/: the Rego engine
 
 
 class Config(_Section):

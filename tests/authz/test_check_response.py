@@ -15,9 +15,11 @@ from authz.check_response import (
     allow_response,
     deny_response,
     dry_run_metadata,
+    rego_dry_run_metadata,
 )
 from authz.errors import ResponseBuildError
 from authz.istio_engine import IstioDecision, ShadowResult
+from authz.rego_decision import RegoDecision
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
@@ -173,4 +175,127 @@ def test_dry_run_metadata(
     # It feeds straight into a response: a dry-run deny never changes the verdict.
     response = allow_response(decision_id="d", dynamic_metadata=metadata)
     assert response.status.code == code_pb2.OK
+    assert _metadata(response) == expected
+
+
+# -- Rego decisions -------------------------------------------------------------------
+
+_APPEND = base_pb2.HeaderValueOption.APPEND_IF_EXISTS_OR_ADD
+
+
+def test_allow_response_carries_rego_edits_as_opa_envoy_sets_them() -> None:
+    response = allow_response(
+        decision_id="d-1",
+        dynamic_metadata={},
+        headers=[("x-user", "alice"), ("x-tag", "a"), ("x-tag", "b")],
+        headers_to_remove=["authorization"],
+        response_headers_to_add=[("x-policy", "rego")],
+        query_parameters_to_set=[("tenant", "acme"), ("tenant", "other")],
+        query_parameters_to_remove=["debug"],
+    )
+    ok = response.ok_response
+    assert _headers(ok.headers) == [
+        (DECISION_ID_HEADER, "d-1", _OVERWRITE),
+        ("x-user", "alice", _APPEND),
+        ("x-tag", "a", _APPEND),
+        ("x-tag", "b", _APPEND),
+    ]
+    # Key and value only, as OPA-Envoy: the deprecated `append` is left unset.
+    assert not any(o.HasField("append") for o in [*ok.headers, *ok.response_headers_to_add])
+    assert list(ok.headers_to_remove) == ["authorization"]
+    assert _headers(ok.response_headers_to_add) == [("x-policy", "rego", _APPEND)]
+    assert [(q.key, q.value) for q in ok.query_parameters_to_set] == [
+        ("tenant", "acme"),
+        ("tenant", "other"),
+    ]
+    assert list(ok.query_parameters_to_remove) == ["debug"]
+
+
+def test_deny_response_with_a_policys_status_body_and_headers() -> None:
+    response = deny_response(
+        decision_id="d-2",
+        body="login first",
+        dynamic_metadata={},
+        status=401,
+        headers=[("www-authenticate", "Bearer")],
+        content_type=None,
+    )
+    denied = response.denied_response
+    assert (denied.status.code, denied.body) == (401, "login first")
+    assert _headers(denied.headers) == [
+        (DECISION_ID_HEADER, "d-2", _OVERWRITE),
+        ("www-authenticate", "Bearer", _APPEND),
+    ]
+
+
+@pytest.mark.parametrize("build", ["allow", "deny"])
+def test_a_policy_cannot_set_the_decision_id(build: str) -> None:
+    forged = [("X-Meshward-Decision-Id", "forged"), ("x-ok", "1")]
+    if build == "allow":
+        options = allow_response(decision_id="d", dynamic_metadata={}, headers=forged)
+        found = options.ok_response.headers
+    else:
+        options = deny_response(decision_id="d", dynamic_metadata={}, headers=forged)
+        found = options.denied_response.headers
+    assert [(o.header.key, o.header.value) for o in found if o.header.key != "content-type"] == [
+        (DECISION_ID_HEADER, "d"),
+        ("x-ok", "1"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "detail"),
+    [
+        ("x-a", "line\r\nx-injected: 1", "holds a NUL, CR or LF"),
+        ("x-a", "nul\x00", "holds a NUL, CR or LF"),
+        ("bad header", "v", "is not an HTTP token"),
+        ("", "v", "is not an HTTP token"),
+    ],
+)
+def test_headers_envoy_cannot_send_are_refused(key: str, value: str, detail: str) -> None:
+    with pytest.raises(ResponseBuildError) as err:
+        allow_response(decision_id="d", dynamic_metadata={}, headers=[(key, value)])
+    assert err.value.reason == "bad_decision"
+    assert detail in str(err.value)
+    assert key != "x-a" or value not in str(err.value)  # values may carry tokens
+
+
+@pytest.mark.parametrize("status", [0, 99, 600, 418])
+def test_deny_status_must_be_one_envoy_knows(status: int) -> None:
+    with pytest.raises(ResponseBuildError) as err:
+        deny_response(decision_id="d", dynamic_metadata={}, status=status)
+    assert err.value.reason == "invalid_http_status"
+
+
+def _rego(allowed: bool, reason: str) -> RegoDecision:
+    return RegoDecision(allowed, reason, "data.envoy.authz.allow")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({}, {}),
+        ({"packages": ["envoy.staged"]}, {}),
+        (
+            {"result": _rego(False, "undefined")},
+            {
+                "meshward_rego_dry_run_result": "denied",
+                "meshward_rego_dry_run_reason": "undefined",
+            },
+        ),
+        (
+            {"shadow": _rego(True, "allowed_by_policy"), "packages": ["a", "b"]},
+            {
+                "meshward_rego_dry_run_shadow_result": "allowed",
+                "meshward_rego_dry_run_shadow_reason": "allowed_by_policy",
+                "meshward_rego_dry_run_packages": ["a", "b"],
+            },
+        ),
+    ],
+    ids=["nothing", "packages alone", "not enforced", "shadow"],
+)
+def test_rego_dry_run_metadata(kwargs: dict[str, Any], expected: dict[str, Any]) -> None:
+    metadata = rego_dry_run_metadata(**kwargs)
+    assert metadata == expected
+    response = allow_response(decision_id="d", dynamic_metadata=metadata)
     assert _metadata(response) == expected

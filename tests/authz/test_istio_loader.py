@@ -618,7 +618,7 @@ def test_all_errors_are_collected_across_fields_documents_and_files(tmp_path: Pa
         (str(b), 0, "kind"),
     ]
     text = str(PolicyLoadError(issues))
-    assert text.startswith("5 problem(s) in the Istio policies:")
+    assert text.startswith("5 problem(s) in the policy directory:")
     assert f"{a}[0]: spec.rules[0].to[0].operation.ports[0]: '0' is not a port" in text
 
 

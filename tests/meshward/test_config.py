@@ -417,6 +417,65 @@ def test_authz_tls_unknown_key(tmp_path: Path) -> None:
     assert "config authz.tls.workload_api_sock: unknown key" in message
 
 
+def test_authz_rego_defaults() -> None:
+    from authz.rego_input import DEFAULT_MAX_BODY_BYTES
+
+    rego = load_config(None, env={}).authz.rego
+    assert rego.decision == "envoy/authz/allow"
+    assert rego.mode == "custom"
+    assert rego.dry_run is False
+    assert rego.dry_run_packages == []
+    assert rego.parse_body is True
+    assert rego.max_body_bytes == DEFAULT_MAX_BODY_BYTES
+    assert rego.timeout == timedelta(milliseconds=100)
+
+
+def test_authz_rego_from_file_and_environment(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "c.yaml",
+        """
+authz:
+  rego:
+    decision: data.mesh.gate.decision
+    mode: always
+    dry_run: true
+    dry_run_packages: [envoy.canary, data.team.staged]
+    parse_body: false
+    max_body_bytes: 4096
+    timeout: 250ms
+""",
+    )
+    rego = load_config(path, env={"MESHWARD_AUTHZ__REGO__MODE": "custom"}).authz.rego
+    assert rego.decision == "data.mesh.gate.decision"
+    assert rego.mode == "custom"  # the environment wins over the file
+    assert rego.dry_run is True
+    assert rego.dry_run_packages == ["envoy.canary", "team.staged"]
+    assert (rego.parse_body, rego.max_body_bytes) == (False, 4096)
+    assert rego.timeout == timedelta(milliseconds=250)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "key", "hint"),
+    [
+        ("decision: allow", "authz.rego.decision", "must name a package and a rule"),
+        ("decision: envoy/au-thz/allow", "authz.rego.decision", "must name a package and a rule"),
+        ("mode: sometimes", "authz.rego.mode", "'custom' or 'always'"),
+        ("dry_run_packages: [envoy.can-ary]", "authz.rego.dry_run_packages.0", "package name"),
+        ("dry_run_packages: envoy.canary", "authz.rego.dry_run_packages", "list"),
+        ("max_body_bytes: -1", "authz.rego.max_body_bytes", "0 or more"),
+        ("timeout: 0s", "authz.rego.timeout", "longer than zero"),
+        ("timeout: soon", "authz.rego.timeout", ""),
+        ("dryrun: true", "authz.rego.dryrun", "unknown key"),
+    ],
+)
+def test_authz_rego_refused(tmp_path: Path, yaml_text: str, key: str, hint: str) -> None:
+    path = write(tmp_path / "c.yaml", "authz:\n  rego:\n    " + yaml_text + "\n")
+    message = config_error(path)
+    assert message.startswith(f"config {key}: ")
+    assert hint in message
+    assert message.endswith(f"(from {path})")
+
+
 @pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "42\n"])
 def test_yaml_that_is_not_a_mapping(tmp_path: Path, text: str) -> None:
     path = write(tmp_path / "c.yaml", text)
