@@ -298,8 +298,9 @@ def policy_lint(
     trust_domain: str | None,
     strict: bool,
 ) -> None:
-    """Check every AuthorizationPolicy under DIRECTORY/istio; print each problem with its place.
+    """Check DIRECTORY/istio and DIRECTORY/rego as `meshward authz` loads them; print each problem.
 
+    AuthorizationPolicy problems print as FILE[DOCUMENT] FIELD, Rego ones as FILE:LINE.
     Errors (the policies would not load) exit 1; warnings (policies that load but
     cannot do what they appear to) exit 0 unless --strict.
     """
@@ -309,44 +310,167 @@ def policy_lint(
     config = _config(config_path, data_dir=data_dir, trust_domain=trust_domain)
     domain = config.trust_domain or "cluster.local"
     aliases = tuple(config.authz.trust_domain_aliases)
+    rego = config.authz.rego
     store = PolicyStore(
         directory,
         trust_domain=domain,
         trust_domain_aliases=aliases,
         root_namespace=config.authz.root_namespace,
+        rego_decision=rego.decision,
+        rego_dry_run_packages=tuple(rego.dry_run_packages),
     )
     logging.getLogger("authz").setLevel(logging.CRITICAL)
     loaded = store.reload()
-    findings = [LintFinding.from_issue(i) for i in store.issues]
-    if loaded and store.current is not None:
-        policy_set = store.current.istio
+    # (finding, line): LintFinding has no line, and Rego problems are placed by one.
+    findings = [(LintFinding.from_issue(i), i.line) for i in store.issues]
+    served = store.current
+    if loaded and served is not None:
+        policy_set = served.istio
         texts: dict[str, str] = {}
         for file in {p.file for p in policy_set.policies}:
             try:
                 texts[file] = Path(file).read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError):
                 continue  # removed since the load: its value checks are skipped
-        findings += lint(policy_set, trust_domain=domain, trust_domain_aliases=aliases, texts=texts)
-    errors = sum(f.severity is Severity.ERROR for f in findings)
+        found = lint(policy_set, trust_domain=domain, trust_domain_aliases=aliases, texts=texts)
+        findings += [(f, None) for f in found]
+        rego_dir = str(store.rego_dir)
+        if served.rego is None and rego.mode == "always":
+            message = (
+                "holds no Rego modules, and authz.rego.mode is always: every request is "
+                "denied (rego_not_loaded)"
+            )
+            findings.append((LintFinding(rego_dir, 0, "", message), None))
+        custom = any(p.provider == "rego" for p in policy_set.policies if not p.dry_run)
+        if served.rego is not None and rego.mode == "custom" and not custom:
+            message = (
+                "no AuthorizationPolicy calls provider rego (action CUSTOM) and "
+                "authz.rego.mode is custom, so these modules decide no request; add one, "
+                "or set authz.rego.mode: always"
+            )
+            findings.append((LintFinding(rego_dir, 0, "", message), None))
+        for name in sorted(served.rego.unknown_dry_run_packages if served.rego else ()):
+            message = f"authz.rego.dry_run_packages lists {name}, which no module defines"
+            findings.append((LintFinding(rego_dir, 0, "", message), None))
+
+    def text(finding: LintFinding, line: int | None) -> str:
+        if line is None and not Path(finding.file).is_relative_to(store.rego_dir):
+            return str(finding)
+        where = finding.file if line is None else f"{finding.file}:{line}"
+        where += f" {finding.field}" if finding.field else ""
+        return f"{finding.severity}: {where}: {finding.message}"
+
+    errors = sum(f.severity is Severity.ERROR for f, _ in findings)
     warnings = len(findings) - errors
     ok = loaded and not (strict and warnings)
-    count = len(store.current.istio.policies) if store.current else 0
+    count = len(served.istio.policies) if served else 0
+    modules = served.rego.modules if served and served.rego else 0
     _emit(
         output,
         {
             "ok": ok,
             "policies": count,
+            "rego_modules": modules,
             "errors": errors,
             "warnings": warnings,
-            "issues": [f.as_dict() for f in findings],
+            "issues": [f.as_dict() | {"line": line} for f, line in findings],
         },
         lambda r: (
-            "\n".join(str(f) for f in findings)
+            "\n".join(text(f, line) for f, line in findings)
             if findings
-            else f"{r['policies']} AuthorizationPolicy documents, no problems"
+            else f"{r['policies']} AuthorizationPolicy documents"
+            + (f" and {modules} Rego modules" if modules else "")
+            + ", no problems"
         ),
     )
     if not ok:
+        sys.exit(1)
+
+
+def _policy_test_config(
+    config_path: Path | None, data_dir: Path | None, trust_domain: str | None
+) -> Config:
+    config = _config(config_path, data_dir=data_dir, trust_domain=trust_domain)
+    # As lint: principals are matched literally unless an alias names another domain.
+    if config.trust_domain is None:
+        config = config.model_copy(update={"trust_domain": "cluster.local"})
+    # The store logs what the report prints anyway.
+    logging.getLogger("authz").setLevel(logging.CRITICAL)
+    return config
+
+
+@policy.command("test")
+@common
+@click.argument(
+    "directory", type=click.Path(path_type=Path, file_okay=False), default=Path("policies")
+)
+@click.option("--trust-domain", help="Trust domain (env MESHWARD_TRUST_DOMAIN).")
+@handle_errors
+def policy_test(
+    config_path: Path | None,
+    data_dir: Path | None,
+    output: str,
+    directory: Path,
+    trust_domain: str | None,
+) -> None:
+    """Run the Rego unit tests and the request tests of DIRECTORY; exit 1 on any failure.
+
+    Rego unit tests: every test_* rule of rego/**/*_test.rego, as `opa test` runs them.
+    Request tests: tests/*.yaml, each request sent as Envoy's ext_authz filter would
+    send it through the same engines `meshward authz` runs, and its decision compared
+    with the expected one. Policies that do not load, a malformed test file or no
+    tests at all fail the run too.
+    """
+    from meshward.policy_runner import run_policy_tests
+
+    report = run_policy_tests(_policy_test_config(config_path, data_dir, trust_domain), directory)
+    _emit(output, report.as_dict(), lambda _: report.text())
+    if not report.ok:
+        sys.exit(1)
+
+
+@policy.command("eval")
+@common
+@click.argument(
+    "directory", type=click.Path(path_type=Path, file_okay=False), default=Path("policies")
+)
+@click.option(
+    "--request",
+    "request_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="YAML file with one request, as an entry of tests/*.yaml (expect optional).",
+)
+@click.option("--trust-domain", help="Trust domain (env MESHWARD_TRUST_DOMAIN).")
+@handle_errors
+def policy_eval(
+    config_path: Path | None,
+    data_dir: Path | None,
+    output: str,
+    directory: Path,
+    request_file: Path,
+    trust_domain: str | None,
+) -> None:
+    """Decide one request against DIRECTORY and show why: Istio policies, rule, Rego value.
+
+    Exits 0 whatever the decision; 1 when the policies or the request file have
+    problems, or when the file has an `expect` the decision does not meet.
+    """
+    from authz.errors import PolicyLoadError
+    from meshward.policy_runner import evaluate_request, issue_dict
+
+    config = _policy_test_config(config_path, data_dir, trust_domain)
+    try:
+        report = evaluate_request(config, directory, request_file)
+    except PolicyLoadError as exc:
+        # Bad input, as everywhere in the CLI: on stderr, unless JSON was asked for.
+        if output == "json":
+            _emit(output, {"ok": False, "issues": [issue_dict(i) for i in exc.issues]}, str)
+        else:
+            click.echo("\n".join(f"error: {i}" for i in exc.issues), err=True)
+        sys.exit(1)
+    _emit(output, report.as_dict(), lambda _: report.text())
+    if not report.ok:
         sys.exit(1)
 
 
