@@ -18,10 +18,10 @@ A Rego decision's edits are set as OPA-Envoy (``internal/internal.go``,
 ``envoyauth/response.go``) sets them: on allow ``headers`` (to the upstream),
 ``headers_to_remove``, ``response_headers_to_add``, ``query_parameters_to_set`` and
 ``query_parameters_to_remove``; on deny its status, body and headers. Each header is
-a bare key and value (no ``append``, ``append_action`` at its default), which
-Envoy applies as APPEND_IF_EXISTS_OR_ADD: a header the client also sent reaches the
-upstream with both values, and a repeated key adds every value. Rego results that
-were not enforced (dry-run) go under ``meshward_rego_dry_run_*`` keys.
+a bare key and value (no ``append``). In ``OkHttpResponse.headers`` Envoy reads an
+unset ``append`` as false, so the policy's value replaces a header the client sent
+(checked through Envoy 1.40 in tests/e2e/test_rego_envoy.py). Rego results that were
+not enforced (dry-run) go under ``meshward_rego_dry_run_*`` keys.
 """
 
 from __future__ import annotations
@@ -178,9 +178,8 @@ def _verdict(decision: RegoDecision) -> str:
 
 
 def _policy(headers: Sequence[Pair]) -> list[base_pb2.HeaderValueOption]:
-    # OPA-Envoy sets key and value only: no `append`, and `append_action` left at its
-    # default, APPEND_IF_EXISTS_OR_ADD, which Envoy applies as written (a header the
-    # client also sent keeps both values). Our decision id is not the policy's to set.
+    # OPA-Envoy sets key and value only; Envoy then overwrites a header the client sent
+    # (ext_authz reads an unset `append` as false). Our decision id is not the policy's.
     return [
         base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, value=value))
         for key, value in headers
