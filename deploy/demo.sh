@@ -73,6 +73,23 @@ with WorkloadApiClient(default_timeout=5) as client:
     print(f"JWT-SVID for {token.spiffe_id}, validated by the agent for audience 'reviews'")
 PY
 
+step "meshward policy lint policies/   (the sample policy repository: Istio + Rego)"
+$meshward policy lint policies/ --strict --trust-domain example.org
+
+step "meshward policy test policies/   (Rego unit tests and request tests, through the server's engines)"
+$meshward policy test policies/ --trust-domain example.org | tail -n 4
+
+step "meshward policy eval: why is a DELETE from the admin console's user 'bob' refused?"
+cat > "$data_dir/request.yaml" <<'YAML'
+request:
+  principal: spiffe://example.org/ns/default/sa/frontend
+  method: DELETE
+  path: /admin/users/7
+  bearer: {sub: bob, amr: [pwd, mfa]}
+  destination: {namespace: default, labels: {app: admin}, service: admin}
+YAML
+$meshward policy eval --request "$data_dir/request.yaml" policies/ --trust-domain example.org
+
 step "meshward bundle show --format jwks"
 $meshward bundle show --format jwks
 
