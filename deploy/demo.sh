@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: start `meshward up` (server + agent) on a fresh data dir, register a
 # workload, mint its X509-SVID and a JWT-SVID, fetch them as that workload through the
-# agent's Workload API with py-spiffe, show the bundle, then stop.
+# agent's Workload API with py-spiffe, lint/test/eval the sample policies/, show the
+# bundle, then stop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 meshward=.venv/bin/meshward
