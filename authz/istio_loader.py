@@ -33,6 +33,7 @@ from authz.istio_policy import (
     compile_string,
     is_path_template,
 )
+from authz.policy_files import is_istio_file, list_files, read_files
 
 __all__ = [
     "API_VERSIONS",
@@ -119,22 +120,10 @@ def load_policies(
         raise PolicyLoadError(
             [PolicyIssue(str(directory), 0, "", "is not a directory of AuthorizationPolicy YAML")]
         )
-    files = sorted(
-        p
-        for p in directory.rglob("*")
-        if p.suffix in (".yaml", ".yml")
-        and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(directory).parts)
-    )
     issues: list[PolicyIssue] = []
-    sources: list[tuple[str, bytes]] = []
-    for path in files:
-        try:
-            sources.append((str(path), path.read_bytes()))
-        except OSError as exc:
-            issues.append(PolicyIssue(str(path), 0, "", f"cannot be read: {exc}"))
+    sources = read_files(list_files(directory, is_istio_file), issues)
     return load_policy_sources(
-        sources,
+        [(str(path), raw) for path, raw in sources],
         root_namespace=root_namespace,
         trust_domain=trust_domain,
         trust_domain_aliases=trust_domain_aliases,

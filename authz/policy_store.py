@@ -23,6 +23,7 @@ from pathlib import Path
 from authz.errors import PolicyIssue, PolicyLoadError
 from authz.istio_loader import load_policy_sources
 from authz.istio_policy import PolicySet
+from authz.policy_files import is_istio_file, list_files, read_files
 from authz.rego_engine import (
     DEFAULT_DECISION_PATH,
     RegoEngine,
@@ -80,8 +81,8 @@ class PolicyStore:
         # bytes, so a file rewritten during the reload cannot be served under the
         # version of other contents.
         issues: list[PolicyIssue] = []
-        istio_sources = self._read(sorted(self._istio_files()), issues)
-        rego_sources = self._read(sorted(self._rego_files()), issues)
+        istio_sources = read_files(self._istio_files(), issues)
+        rego_sources = read_files(self._rego_files(), issues)
         istio = PolicySet(policies=(), root_namespace=self._root_namespace)
         try:
             istio = load_policy_sources(
@@ -126,30 +127,18 @@ class PolicyStore:
             self._on_reload(True)
         return True
 
-    @staticmethod
-    def _read(paths: Iterable[Path], issues: list[PolicyIssue]) -> list[tuple[Path, bytes]]:
-        out: list[tuple[Path, bytes]] = []
-        for path in paths:
-            try:
-                out.append((path, path.read_bytes()))
-            except FileNotFoundError:
-                continue  # removed since it was listed: the next signature check reloads
-            except OSError as exc:
-                issues.append(PolicyIssue(str(path), 0, "", f"cannot be read: {exc}"))
-        return out
-
     def changed(self) -> bool:
         """Cheap check (names, sizes, mtimes) whether the directory differs from the last load."""
         return self._files_signature() != self._signature
 
     def _files(self) -> list[Path]:
-        return sorted(self._istio_files()) + sorted(self._rego_files())
+        return self._istio_files() + self._rego_files()
 
-    def _istio_files(self) -> Iterable[Path]:
-        return _under(self.istio_dir, lambda p: p.suffix in (".yaml", ".yml"))
+    def _istio_files(self) -> list[Path]:
+        return list_files(self.istio_dir, is_istio_file)
 
-    def _rego_files(self) -> Iterable[Path]:
-        return _under(self.rego_dir, is_rego_source)
+    def _rego_files(self) -> list[Path]:
+        return list_files(self.rego_dir, is_rego_source)
 
     def _files_signature(self) -> tuple[tuple[str, int, int], ...]:
         out = []
@@ -167,17 +156,3 @@ class PolicyStore:
             digest.update(str(path.relative_to(self.directory)).encode() + b"\0")
             digest.update(raw)
         return digest.hexdigest()[:16]
-
-
-def _under(directory: Path, wanted: Callable[[Path], bool]) -> list[Path]:
-    # Hidden entries are skipped as the loaders skip them: an editor's swap file or a
-    # `..data` symlink farm must not make a reload (or a new version) of its own.
-    if not directory.is_dir():
-        return []
-    return [
-        p
-        for p in directory.rglob("*")
-        if wanted(p)
-        and not any(part.startswith(".") for part in p.relative_to(directory).parts)
-        and p.is_file()
-    ]

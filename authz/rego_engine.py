@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from authz.errors import PolicyIssue, PolicyLoadError
+from authz.policy_files import list_files, read_files
 from authz.rego_annotations import annotated_dry_run_packages
 from authz.rego_binding import Bundle, Interpreter, input_handle, last_error, lib, query
 from authz.rego_builtins import call_problems
@@ -153,18 +154,8 @@ def load_rego_policies(
         raise PolicyLoadError(
             [PolicyIssue(str(directory), 0, "", "is not a directory of Rego modules and data")]
         )
-    sources: list[tuple[Path, bytes]] = []
     issues: list[PolicyIssue] = []
-    for path in sorted(directory.rglob("*")):
-        relative = path.relative_to(directory)
-        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
-            continue
-        if not is_rego_source(path):
-            continue
-        try:
-            sources.append((path, path.read_bytes()))
-        except OSError as exc:
-            issues.append(PolicyIssue(str(path), 0, "", f"cannot be read: {exc}"))
+    sources = read_files(list_files(directory, is_rego_source), issues)
     return load_rego_sources(
         directory,
         sources,

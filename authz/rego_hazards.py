@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from authz.errors import PolicyIssue
+from authz.policy_files import list_files
 from authz.rego_scan import RegoModule, scan
 
 __all__ = ["WHOLE_INPUT_MESSAGE", "crash_hazards", "directory_crash_hazards"]
@@ -72,15 +73,11 @@ def directory_crash_hazards(directory: Path) -> list[PolicyIssue]:
     left to the loader to report.
     """
     modules: list[RegoModule] = []
-    if directory.is_dir():
-        for path in sorted(directory.rglob("*.rego")):
-            relative = path.relative_to(directory)
-            if any(part.startswith(".") for part in relative.parts) or not path.is_file():
-                continue
-            try:
-                modules.append(RegoModule(str(path), path.read_text(encoding="utf-8")))
-            except (OSError, UnicodeDecodeError):
-                continue
+    for path in list_files(directory, lambda p: p.suffix == ".rego"):
+        try:
+            modules.append(RegoModule(str(path), path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError):
+            continue
     return crash_hazards(modules)
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from authz.errors import PolicyIssue, PolicyLoadError
+from authz.policy_files import list_files
 from authz.rego_data import UNREADABLE, read_data
 from authz.rego_engine import (
     DATA_FILE_NAMES,
@@ -193,12 +194,8 @@ def _read(
     tests: list[RegoModule] = []
     documents: list[RegoDataDocument] = []
     issues: list[PolicyIssue] = []
-    for path in sorted(directory.rglob("*")):
+    for path in list_files(directory, lambda p: p.suffix == ".rego" or p.name in DATA_FILE_NAMES):
         relative = path.relative_to(directory)
-        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
-            continue
-        if path.suffix != ".rego" and path.name not in DATA_FILE_NAMES:
-            continue
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
