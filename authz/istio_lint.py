@@ -158,7 +158,7 @@ def _policy_findings(
                 "selector or targetRefs, or move it to the namespace it is meant for",
             )
     for rule in policy.rules:
-        for field, message in _rule_findings(policy, rule):
+        for field, message in _http_only_on_tcp(policy, rule):
             yield at(field, message)
         for clause in rule.clauses():
             values = _resolve(raw, clause.field)
@@ -176,10 +176,6 @@ def _scope(policy: CompiledPolicy, root: str) -> str:
     if policy.namespace == root:
         return _MESH
     return f"every workload in namespace {policy.namespace}"
-
-
-def _rule_findings(policy: CompiledPolicy, rule: Rule) -> Iterator[tuple[str, str]]:
-    yield from _http_only_on_tcp(policy, rule)
 
 
 def _http_only_on_tcp(policy: CompiledPolicy, rule: Rule) -> Iterator[tuple[str, str]]:

@@ -301,11 +301,10 @@ class _ScopeIndex:
     unscoped: tuple[CompiledPolicy, ...]
     by_label: Mapping[tuple[str, str], tuple[CompiledPolicy, ...]]
     by_service: Mapping[str, tuple[CompiledPolicy, ...]]
-    rank: Mapping[str, int]  # name order, so the reported policy is deterministic
 
     @classmethod
-    def build(cls, policies: Iterable[CompiledPolicy]) -> _ScopeIndex:
-        ordered = sorted(policies, key=lambda p: p.name)
+    def build(cls, ordered: Iterable[CompiledPolicy]) -> _ScopeIndex:
+        """``ordered``: one namespace's policies, by name (evaluation order)."""
         unscoped: list[CompiledPolicy] = []
         by_label: dict[tuple[str, str], list[CompiledPolicy]] = {}
         by_service: dict[str, list[CompiledPolicy]] = {}
@@ -323,7 +322,6 @@ class _ScopeIndex:
             unscoped=tuple(unscoped),
             by_label=MappingProxyType({k: tuple(v) for k, v in by_label.items()}),
             by_service=MappingProxyType({k: tuple(v) for k, v in by_service.items()}),
-            rank=MappingProxyType({p.name: i for i, p in enumerate(ordered)}),
         )
 
     def candidates(
@@ -337,7 +335,9 @@ class _ScopeIndex:
         if len(found) == len(self.unscoped):
             return self.unscoped
         found = list({p.name: p for p in found}.values())
-        found.sort(key=lambda p: self.rank[p.name])
+        # Names are unique within a namespace: name order is evaluation order, which
+        # keeps the reported policy deterministic.
+        found.sort(key=lambda p: p.name)
         return tuple(found)
 
 

@@ -80,6 +80,7 @@ from authz.rego_scan import V0_MESSAGE, ModuleScan, RegoModule, scan
 __all__ = [
     "DATA_FILE_NAMES",
     "DEFAULT_DECISION_PATH",
+    "TEST_MODULE_SUFFIX",
     "V0_MESSAGE",
     "RegoDataDocument",
     "RegoEngine",
@@ -166,9 +167,12 @@ def load_rego_policies(
     )
 
 
+TEST_MODULE_SUFFIX = "_test.rego"  # `opa test`'s convention: never served
+
+
 def is_rego_source(path: Path) -> bool:
     """A module the server serves (tests excluded) or a data document."""
-    is_module = path.suffix == ".rego" and not path.name.endswith("_test.rego")
+    is_module = path.suffix == ".rego" and not path.name.endswith(TEST_MODULE_SUFFIX)
     return is_module or path.name in DATA_FILE_NAMES
 
 

@@ -84,11 +84,17 @@ from authz.opa_json import parse_json
 from authz.protojson import message_to_dict
 from authz.request_view import RequestView
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "VERSION", "RegoInput", "build_input"]
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "PARTIAL_BODY_HEADER",
+    "VERSION",
+    "RegoInput",
+    "build_input",
+]
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 VERSION: Mapping[str, str] = MappingProxyType({"ext_authz": "v3", "encoding": "protojson"})
-_PARTIAL_BODY_HEADER = "x-envoy-auth-partial-body"
+PARTIAL_BODY_HEADER = "x-envoy-auth-partial-body"
 
 
 @dataclass(slots=True, frozen=True)
@@ -217,7 +223,7 @@ def _parse_body(
 ) -> _Body:
     # Envoy's own word that it cut the body short wins over anything else, whatever
     # the content type, since a chunked or HTTP/2 request has no content-length.
-    if headers.get(_PARTIAL_BODY_HEADER) == "true":
+    if headers.get(PARTIAL_BODY_HEADER) == "true":
         return _Body(truncated=True)
     content_type = headers.get("content-type")
     if content_type is None:

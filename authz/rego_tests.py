@@ -42,6 +42,7 @@ from authz.rego_data import UNREADABLE, read_data
 from authz.rego_engine import (
     DATA_FILE_NAMES,
     DEFAULT_DECISION_PATH,
+    TEST_MODULE_SUFFIX,
     RegoDataDocument,
     RegoModule,
     compile_rego,
@@ -60,7 +61,6 @@ __all__ = [
     "run_rego_tests",
 ]
 
-TEST_MODULE_SUFFIX = "_test.rego"
 
 _TEST_RULE = re.compile(r"(?:todo_)?test_\w*")
 

@@ -29,6 +29,7 @@ from google.rpc import code_pb2
 
 from authz.audit_sink import DecisionRecord, MemorySink
 from authz.check_response import DECISION_ID_HEADER
+from authz.rego_input import PARTIAL_BODY_HEADER
 from authz.request_test_file import DRY_RUN_KEYS, Expectation, RequestTest, RequestUnderTest
 
 __all__ = [
@@ -48,7 +49,6 @@ __all__ = [
 
 # meshward's sidecar bootstrap: with_request_body {max_request_bytes: 8192, allow_partial_message}.
 DEFAULT_MAX_REQUEST_BYTES = 8192
-PARTIAL_BODY_HEADER = "x-envoy-auth-partial-body"
 
 
 # -- the CheckRequest --------------------------------------------------------------------

@@ -49,6 +49,7 @@ from authz import rego_provider
 from authz.audit_sink import AuditSink, DecisionRecord
 from authz.check_request import build_view
 from authz.check_response import (
+    DENY_BODY,
     allow_response,
     deny_response,
     dry_run_metadata,
@@ -65,7 +66,6 @@ from authz.request_view import RequestView
 __all__ = ["DENY_BODY", "REGO_PROVIDER", "AuthorizationServicer"]
 
 log = logging.getLogger(__name__)
-DENY_BODY = "RBAC: access denied"  # Istio's body, so clients and dashboards see the familiar text
 REGO_PROVIDER = "rego"  # the CUSTOM provider name that calls the Rego engine
 # Decisions take tens of microseconds; Prometheus' default buckets start at 5 ms.
 _SECONDS_BUCKETS = (

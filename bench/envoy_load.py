@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import grpc
 from grpc_health.v1 import health_pb2
 
-from meshward.config import ENV_PREFIX, Config
+from meshward.config import ENV_PREFIX
 
 DEADLINE = 30.0  # only keeps a broken start from hanging
 
@@ -138,8 +138,8 @@ def start_meshward(
     ``root/data``, the log ``root/<name>.log``.
     """
     environ = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-    if hasattr(Config().authz, "health_listen"):  # /live /ready /metrics: off a fixed port
-        environ[f"{ENV_PREFIX}AUTHZ__HEALTH_LISTEN"] = f"127.0.0.1:{free_port()}"
+    # /live /ready /metrics: off the fixed default port.
+    environ[f"{ENV_PREFIX}AUTHZ__HEALTH_LISTEN"] = f"127.0.0.1:{free_port()}"
     environ.update(env or {})
     proc = start(
         procs,

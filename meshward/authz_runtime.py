@@ -304,8 +304,7 @@ async def _serve(
         )
     health = health_aio.HealthServicer()
     # SERVING only once a policy set is loaded: Envoy must not send traffic before.
-    for name in ("", _SERVICE):
-        await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     stopped = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -425,15 +424,20 @@ def _bind(
         ) from exc
 
 
+async def _set_health(health: health_aio.HealthServicer, status: Any) -> None:
+    for name in ("", _SERVICE):
+        await health.set(name, status)
+
+
 async def _reload_forever(
     config: Config, store: PolicyStore, health: health_aio.HealthServicer
 ) -> None:
     serving = False
     while True:
-        if store.changed():
+        # Listing and stat-ing the directory is file I/O: kept off the loop serving Check.
+        if await asyncio.to_thread(store.changed):
             await asyncio.to_thread(store.reload)
         if store.current is not None and not serving:
-            for name in ("", _SERVICE):
-                await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
             serving = True
         await asyncio.sleep(config.authz.reload_interval.total_seconds())

@@ -547,7 +547,6 @@ def envoy_bootstrap(
 
 
 def _spiffe_id_option(value: str | None, option: str) -> str | None:
-    from identity.errors import IdentityError
     from identity.spiffeid import parse_spiffe_id
 
     if value is None:
