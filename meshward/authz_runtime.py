@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,6 +46,23 @@ _SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_n
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 
 
+def policy_store(
+    config: Config, policies: Path, *, on_reload: Callable[[bool], None] | None = None
+) -> PolicyStore:
+    """The store ``meshward authz`` serves from; lint loads through the same one."""
+    assert config.trust_domain is not None  # callers check, each with its own message
+    rego = config.authz.rego
+    return PolicyStore(
+        policies,
+        trust_domain=config.trust_domain,
+        trust_domain_aliases=tuple(config.authz.trust_domain_aliases),
+        root_namespace=config.authz.root_namespace,
+        rego_decision=rego.decision,
+        rego_dry_run_packages=tuple(rego.dry_run_packages),
+        on_reload=on_reload,
+    )
+
+
 def build_authz(
     config: Config, *, policies: Path, sink: AuditSink, registry: CollectorRegistry
 ) -> tuple[PolicyStore, AuthorizationServicer]:
@@ -60,14 +78,8 @@ def build_authz(
         registry=registry,
     )
     rego = config.authz.rego
-    store = PolicyStore(
-        policies,
-        trust_domain=config.trust_domain,
-        trust_domain_aliases=tuple(config.authz.trust_domain_aliases),
-        root_namespace=config.authz.root_namespace,
-        rego_decision=rego.decision,
-        rego_dry_run_packages=tuple(rego.dry_run_packages),
-        on_reload=lambda ok: reloads.labels("ok" if ok else "error").inc(),
+    store = policy_store(
+        config, policies, on_reload=lambda ok: reloads.labels("ok" if ok else "error").inc()
     )
     Gauge(
         "meshward_policy_problems",

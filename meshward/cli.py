@@ -305,21 +305,14 @@ def policy_lint(
     cannot do what they appear to) exit 0 unless --strict.
     """
     from authz.istio_lint import LintFinding, Severity, lint
-    from authz.policy_store import PolicyStore
+    from meshward.authz_runtime import policy_store
 
-    config = _config(config_path, data_dir=data_dir, trust_domain=trust_domain)
-    domain = config.trust_domain or "cluster.local"
+    config = _policy_tool_config(config_path, data_dir, trust_domain)
+    assert config.trust_domain is not None
+    domain = config.trust_domain
     aliases = tuple(config.authz.trust_domain_aliases)
     rego = config.authz.rego
-    store = PolicyStore(
-        directory,
-        trust_domain=domain,
-        trust_domain_aliases=aliases,
-        root_namespace=config.authz.root_namespace,
-        rego_decision=rego.decision,
-        rego_dry_run_packages=tuple(rego.dry_run_packages),
-    )
-    logging.getLogger("authz").setLevel(logging.CRITICAL)
+    store = policy_store(config, directory)
     loaded = store.reload()
     # (finding, line): LintFinding has no line, and Rego problems are placed by one.
     findings = [(LintFinding.from_issue(i), i.line) for i in store.issues]
@@ -387,7 +380,7 @@ def policy_lint(
         sys.exit(1)
 
 
-def _policy_test_config(
+def _policy_tool_config(
     config_path: Path | None, data_dir: Path | None, trust_domain: str | None
 ) -> Config:
     config = _config(config_path, data_dir=data_dir, trust_domain=trust_domain)
@@ -423,7 +416,7 @@ def policy_test(
     """
     from meshward.policy_runner import run_policy_tests
 
-    report = run_policy_tests(_policy_test_config(config_path, data_dir, trust_domain), directory)
+    report = run_policy_tests(_policy_tool_config(config_path, data_dir, trust_domain), directory)
     _emit(output, report.as_dict(), lambda _: report.text())
     if not report.ok:
         sys.exit(1)
@@ -459,7 +452,7 @@ def policy_eval(
     from authz.errors import PolicyLoadError
     from meshward.policy_runner import evaluate_request, issue_dict
 
-    config = _policy_test_config(config_path, data_dir, trust_domain)
+    config = _policy_tool_config(config_path, data_dir, trust_domain)
     try:
         report = evaluate_request(config, directory, request_file)
     except PolicyLoadError as exc:

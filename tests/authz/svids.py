@@ -15,23 +15,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from spiffe import SpiffeId, TrustDomain, X509Bundle, X509BundleSet, X509Svid
 from spiffe.workloadapi.x509_context import X509Context
 
+from tests.identity.certs import key_pem, pem
+
 SERVER_NAME = "authz.meshward.test"  # DNS SAN of the server SVID; clients pin it
-
-
-def pem(*certs: x509.Certificate) -> bytes:
-    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
-
-
-def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
 
 
 @dataclass(slots=True, frozen=True)
