@@ -44,11 +44,13 @@ class ShadowResult:
 
     ``effective_policy_id`` is the dry-run rule that matched (``ns.name[rules[i]]``),
     as Istio's ``istio_dry_run_{allow,deny}_shadow_effective_policy_id``; None when
-    no dry-run rule matched.
+    no dry-run rule matched. ``policies`` are the dry-run policies (``ns.name``) the
+    shadow engine held for the workload.
     """
 
     allowed: bool
     effective_policy_id: str | None
+    policies: tuple[str, ...] = ()
 
 
 @dataclass(slots=True, frozen=True)
@@ -159,13 +161,16 @@ def _shadow(
     dry = list(_with_action(applicable, action, dry_run=True))
     if not dry:
         return None
+    ids = tuple(policy.id for policy in dry)
     for policy in dry:
         hit = _first_matching_rule(policy, view)
         if hit is not None:
             return ShadowResult(
-                allowed=action is Action.ALLOW, effective_policy_id=policy.rule_id(hit)
+                allowed=action is Action.ALLOW,
+                effective_policy_id=policy.rule_id(hit),
+                policies=ids,
             )
-    return ShadowResult(allowed=action is not Action.ALLOW, effective_policy_id=None)
+    return ShadowResult(allowed=action is not Action.ALLOW, effective_policy_id=None, policies=ids)
 
 
 def _first_matching_rule(policy: CompiledPolicy, view: RequestView) -> int | None:

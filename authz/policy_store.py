@@ -41,6 +41,9 @@ class ServedPolicies:
     istio: PolicySet
     rego: RegoEngine | None  # None: rego/ holds no modules
     version: str  # digest of the istio/ and rego/ files, recorded with every decision
+    # The files as loaded, by path relative to the policy directory: the audit trail
+    # keeps them per version, so that a decision is explained by the set that made it.
+    sources: tuple[tuple[str, bytes], ...] = ()
 
 
 class PolicyStore:
@@ -115,8 +118,13 @@ class PolicyStore:
                 self._on_reload(False)
             return False
         self.issues = []
-        version = self._digest(istio_sources + rego_sources)
-        self.current = ServedPolicies(istio=istio, rego=rego, version=version)
+        sources = istio_sources + rego_sources
+        self.current = ServedPolicies(
+            istio=istio,
+            rego=rego,
+            version=self._digest(sources),
+            sources=tuple((str(path.relative_to(self.directory)), raw) for path, raw in sources),
+        )
         log.info(
             "authz: serving policy set %s (%d Istio policies)%s",
             self.current.version,

@@ -27,7 +27,8 @@ from envoy.service.auth.v3 import external_auth_pb2
 from google.protobuf import json_format
 from google.rpc import code_pb2
 
-from authz.audit_sink import DecisionRecord, MemorySink
+from audit.record import DecisionRecord
+from audit.sink import MemorySink
 from authz.check_response import DECISION_ID_HEADER
 from authz.rego_input import PARTIAL_BODY_HEADER
 from authz.request_test_file import DRY_RUN_KEYS, Expectation, RequestTest, RequestUnderTest

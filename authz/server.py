@@ -20,7 +20,10 @@ dry-run records what would have happened.
 
 Fails closed: any error while deciding answers PERMISSION_DENIED with a named reason,
 counted in ``meshward_authz_decisions_total{result,reason}`` and recorded in the audit
-sink like any other decision. The audit hand-off never blocks the response.
+sink like any other decision. The audit hand-off never blocks the response. When the
+sink cannot keep a record (the spool is full) and ``audit_required`` is set
+(``audit.on_full: deny``), an allow becomes a denial with reason
+``audit_unavailable``: no request passes unaudited.
 
 Deciding stays synchronous on the event loop. A Rego evaluation is one ctypes call
 that releases the GIL, but the input, the Istio engine and the response are Python
@@ -38,15 +41,17 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from audit.record import DecisionRecord, split_policy_id
+from audit.redaction import Redaction
+from audit.sink import AuditSink
 from authz import rego_provider
-from authz.audit_sink import AuditSink, DecisionRecord
+from authz.audit_record import dry_run_flips, request_snapshot, workload_name
 from authz.check_request import build_view
 from authz.check_response import (
     DENY_BODY,
@@ -63,10 +68,11 @@ from authz.rego_engine import RegoEngine
 from authz.rego_provider import RegoOutcome, RegoSettings, run_rego
 from authz.request_view import RequestView
 
-__all__ = ["DENY_BODY", "REGO_PROVIDER", "AuthorizationServicer"]
+__all__ = ["AUDIT_UNAVAILABLE", "DENY_BODY", "REGO_PROVIDER", "AuthorizationServicer"]
 
 log = logging.getLogger(__name__)
 REGO_PROVIDER = "rego"  # the CUSTOM provider name that calls the Rego engine
+AUDIT_UNAVAILABLE = "audit_unavailable"  # the reason of a denial for lack of audit room
 # Decisions take tens of microseconds; Prometheus' default buckets start at 5 ms.
 _SECONDS_BUCKETS = (
     25e-6,
@@ -92,6 +98,7 @@ class _Trace:
 
     decision_id: str
     started: float
+    request: external_auth_pb2.CheckRequest
     view: RequestView | None = None
     version: str | None = None
     istio: IstioDecision | None = None
@@ -125,11 +132,16 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         registry: CollectorRegistry,
         explain_denials: bool = False,
         rego: RegoSettings | None = None,
+        redaction: Redaction | None = None,
+        audit_required: bool = False,
     ) -> None:
         self._store = store
         self._sink = sink
         self._explain = explain_denials
         self._rego = rego or RegoSettings()
+        # None: records carry no request snapshot (the offline tools' memory sink).
+        self._redaction = redaction
+        self._audit_required = audit_required
         self.decisions = Counter(
             "meshward_authz_decisions",
             "ext_authz decisions, by result and the reason that decided them",
@@ -158,7 +170,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
 
     def decide(self, request: external_auth_pb2.CheckRequest) -> Any:
         """The whole decision, synchronous and without I/O (the audit sink only queues)."""
-        trace = _Trace(decision_id=uuid.uuid4().hex, started=time.perf_counter())
+        trace = _Trace(decision_id=uuid.uuid4().hex, started=time.perf_counter(), request=request)
         served = self._store.current
         try:
             trace.view = build_view(request)
@@ -248,9 +260,10 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
 
     def _respond(self, trace: _Trace, verdict: _Verdict) -> Any:
         metadata = self._metadata(trace)
+        verdict = self._finish(trace, verdict)
         if verdict.allowed:
             edits = verdict.edits
-            response = allow_response(
+            return allow_response(
                 decision_id=trace.decision_id,
                 dynamic_metadata=metadata,
                 headers=edits.headers if edits else (),
@@ -259,17 +272,14 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
                 query_parameters_to_set=edits.query_parameters_to_set if edits else (),
                 query_parameters_to_remove=edits.query_parameters_to_remove if edits else (),
             )
-        else:
-            response = deny_response(
-                decision_id=trace.decision_id,
-                body=verdict.body,
-                dynamic_metadata=metadata,
-                status=verdict.status,
-                headers=verdict.headers,
-                content_type=verdict.content_type,
-            )
-        self._finish(trace, verdict)
-        return response
+        return deny_response(
+            decision_id=trace.decision_id,
+            body=verdict.body,
+            dynamic_metadata=metadata,
+            status=verdict.status,
+            headers=verdict.headers,
+            content_type=verdict.content_type,
+        )
 
     def _metadata(self, trace: _Trace) -> dict[str, Any]:
         # The policy's own dynamic_metadata first (OPA-Envoy sends it on allow, deny and
@@ -295,21 +305,28 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             policy_id=trace.istio.custom_policy_id if trace.istio else None,
             error=error,
         )
+        self._finish(trace, verdict)
         # Only the dry-run keys: the policy's own metadata may be what failed.
-        response = deny_response(
+        return deny_response(
             decision_id=trace.decision_id, body=DENY_BODY, dynamic_metadata=trace.dry_run
         )
-        self._finish(trace, verdict)
-        return response
 
-    def _finish(self, trace: _Trace, verdict: _Verdict) -> None:
-        record = self._record(trace, verdict)
-        self._count(record.allowed, record.reason).inc()
+    def _finish(self, trace: _Trace, verdict: _Verdict) -> _Verdict:
+        """Record the decision and count it; the verdict to answer (see audit_required)."""
+        record, snapshot = self._record(trace, verdict)
+        if not self._sink.submit(record, snapshot) and self._audit_required and verdict.allowed:
+            verdict = _Verdict(
+                False,
+                AUDIT_UNAVAILABLE,
+                "error",
+                error="the audit spool is full (audit.on_full: deny)",
+            )
+        self._count(verdict.allowed, verdict.reason).inc()
         seconds = self._seconds.get(verdict.engine)
         if seconds is None:
             seconds = self._seconds[verdict.engine] = self.decision_seconds.labels(verdict.engine)
         seconds.observe(time.perf_counter() - trace.started)
-        self._sink.submit(record)
+        return verdict
 
     def _count(self, allowed: bool, reason: str) -> Any:
         # labels() costs about as much as the rest of the bookkeeping; the children are
@@ -322,7 +339,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             )
         return child
 
-    def _record(self, trace: _Trace, verdict: _Verdict) -> DecisionRecord:
+    def _record(self, trace: _Trace, verdict: _Verdict) -> tuple[DecisionRecord, bytes | None]:
         view, istio, rego = trace.view, trace.istio, trace.rego
         shadow: dict[str, Any] | None = None
         if rego is not None and rego.shadow is not None:
@@ -330,22 +347,55 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             if (why := rego_provider.error(rego.shadow)) is not None:
                 shadow["error"] = why
             shadow["dry_run_packages"] = list(rego.dry_run_packages)
-        return DecisionRecord(
+        snapshot: bytes | None = None
+        redacted: tuple[str, ...] = ()
+        if self._redaction is not None:
+            try:
+                snapshot, redacted = request_snapshot(
+                    trace.request, view.headers if view else None, self._redaction
+                )
+            except Exception:
+                # A request the snapshot cannot handle is recorded without it: replay
+                # counts it as not re-evaluable rather than the decision going unrecorded.
+                log.exception("authz: decision %s: no request snapshot", trace.decision_id)
+                redacted = ("request",)
+        policy, rule = split_policy_id(verdict.policy_id)
+        record = DecisionRecord(
             decision_id=trace.decision_id,
-            time=datetime.now(UTC).isoformat(),
+            time_us=time.time_ns() // 1000,
             allowed=verdict.allowed,
             reason=verdict.reason,
             engine=verdict.engine,
+            status=None if verdict.allowed else verdict.status,
+            policy=policy,
+            rule=rule,
             policy_id=verdict.policy_id,
             policy_set_version=trace.version,
+            latency_us=int((time.perf_counter() - trace.started) * 1e6),
             source_principal=view.source_principal if view else None,
+            source_namespace=view.source_namespace if view else None,
             source_ip=view.source_ip if view else None,
-            workload_namespace=view.workload_namespace if view else None,
+            request_principal=view.request_principal if view else None,
+            destination_namespace=view.workload_namespace if view else None,
+            destination_workload=(
+                workload_name(view.workload_labels, view.workload_service) if view else None
+            ),
+            destination_service=view.workload_service if view else None,
+            destination_labels=dict(view.workload_labels) if view else {},
+            destination_port=view.destination_port if view else None,
+            sni=view.sni if view else None,
             method=view.method if view else None,
             host=view.host if view else None,
             path=view.path_without_query if view else None,
             audit_policy_ids=istio.audit_policy_ids if istio else (),
             dry_run=dict(trace.dry_run) or None,
+            dry_run_flips=dry_run_flips(
+                allowed=verdict.allowed,
+                engine=verdict.engine,
+                istio=istio,
+                rego=rego,
+                rego_decision=trace.rego_decision,
+            ),
             error=verdict.error,
             rego_decision=trace.rego_decision,
             rego_result=rego_provider.summary(rego.decision) if rego else None,
@@ -353,4 +403,6 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             rego_error=rego_provider.error(rego.decision) if rego else None,
             rego_shadow=shadow,
             body_error=rego.body_error if rego else None,
+            redacted=redacted,
         )
+        return record, snapshot

@@ -97,8 +97,11 @@ from envoy_load import (
     version,
 )
 from prometheus_client import CollectorRegistry
+from sqlalchemy.exc import OperationalError
 
-from authz.audit_sink import MemorySink
+from audit.sink import MemorySink
+from audit.store.database import AuditDatabase, sqlite_url
+from audit.store.queries import Filters, get_decision, top
 from authz.check_request import JWT_AUTHN_FILTER, build_view
 from authz.istio_engine import evaluate
 from authz.policy_store import ServedPolicies
@@ -718,16 +721,29 @@ def check_envoy(port: int, pki: Pki, policy: Policy, run: Run, data_dir: Path | 
 
 
 def decision_record(data_dir: Path, decision_id: str) -> dict[str, Any] | None:
-    """The decision record ``decision_id``, once meshward's sink has written it (or None)."""
-    records = data_dir / "audit" / "decisions.jsonl"
+    """The decision record ``decision_id``, once meshward's shipper has stored it (or None)."""
     deadline = time.monotonic() + 2
     while time.monotonic() < deadline:
-        for line in records.read_text().splitlines() if records.exists() else ():
-            record: dict[str, Any] = json.loads(line)
-            if record["decision_id"] == decision_id:
-                return record
+        record = stored_decision(data_dir, decision_id)
+        if record is not None:
+            return record
         time.sleep(0.1)
     return None
+
+
+def _audit_db(data_dir: Path) -> AuditDatabase:
+    return AuditDatabase(sqlite_url(data_dir), read_only=True)
+
+
+def stored_decision(data_dir: Path, decision_id: str) -> dict[str, Any] | None:
+    db = _audit_db(data_dir)
+    try:
+        with db.engine.connect() as conn:
+            return get_decision(conn, decision_id)
+    except OperationalError:
+        return None  # no store yet
+    finally:
+        db.dispose()
 
 
 @dataclass(slots=True, frozen=True)
@@ -812,14 +828,16 @@ def run_envoy(
 
 
 def denials(data_dir: Path, since: dt.datetime) -> dict[str, int]:
-    """Why meshward denied requests since ``since``, from its decision records (once stopped)."""
-    records = data_dir / "audit" / "decisions.jsonl"
-    found: dict[str, int] = {}
-    for line in records.read_text().splitlines() if records.exists() else ():
-        record = json.loads(line)
-        if not record["allowed"] and dt.datetime.fromisoformat(record["time"]) >= since:
-            found[record["reason"]] = found.get(record["reason"], 0) + 1
-    return found
+    """Why meshward denied requests since ``since``, from its audit store (once stopped)."""
+    db = _audit_db(data_dir)
+    filters = Filters(since_us=int(since.timestamp() * 1e6), allowed=False)
+    try:
+        with db.engine.connect() as conn:
+            return {row["value"]: row["count"] for row in top(conn, filters, by="reason")}
+    except OperationalError:
+        return {}
+    finally:
+        db.dispose()
 
 
 def report_envoy(fixed: bool, results: Mapping[Run, Measured], connections: int) -> None:

@@ -3,7 +3,8 @@
 gRPC (Check, the standard health service, reflection) listens on ``authz.listen``: TCP
 or a Unix socket, plaintext or, with ``authz.tls``, mTLS with the process's own
 X509-SVID from the agent. ``/live``, ``/ready`` and ``/metrics`` are served on
-``authz.health_listen`` the way the server and the agent serve them.
+``authz.health_listen`` the way the server and the agent serve them. Decisions go to
+the audit spool, drained by a shipper child (``meshward.authz_audit``).
 """
 
 from __future__ import annotations
@@ -28,13 +29,15 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from authz.audit_sink import AuditSink, JsonLinesSink
+from audit.redaction import Redaction
+from audit.sink import AuditSink
 from authz.client_identity import AllowedClients
-from authz.policy_store import PolicyStore
+from authz.policy_store import PolicyStore, ServedPolicies
 from authz.rego_provider import RegoSettings
 from authz.server import AuthorizationServicer
 from authz.workload_svid import SvidCredentials, WorkloadSvidWatcher
 from identity.health_api import health_router
+from meshward.authz_audit import AuthzAudit
 from meshward.config import AuthzTLSConfig, Config, ConfigError
 from meshward.durations import format_duration
 from meshward.runtime import _listen_tcp, _Server, _uvicorn_config
@@ -64,8 +67,16 @@ def policy_store(
 
 
 def build_authz(
-    config: Config, *, policies: Path, sink: AuditSink, registry: CollectorRegistry
+    config: Config,
+    *,
+    policies: Path,
+    sink: AuditSink,
+    registry: CollectorRegistry,
+    redaction: Redaction | None = None,
+    audit_required: bool = False,
+    on_served: Callable[[ServedPolicies], None] | None = None,
 ) -> tuple[PolicyStore, AuthorizationServicer]:
+    """The store and servicer; ``redaction`` set: records carry the request snapshot."""
     if config.trust_domain is None:
         raise ConfigError(
             "trust_domain is not set; pass --trust-domain, set MESHWARD_TRUST_DOMAIN or put "
@@ -78,9 +89,13 @@ def build_authz(
         registry=registry,
     )
     rego = config.authz.rego
-    store = policy_store(
-        config, policies, on_reload=lambda ok: reloads.labels("ok" if ok else "error").inc()
-    )
+
+    def reloaded(ok: bool) -> None:
+        reloads.labels("ok" if ok else "error").inc()
+        if ok and on_served is not None and store.current is not None:
+            on_served(store.current)
+
+    store = policy_store(config, policies, on_reload=reloaded)
     Gauge(
         "meshward_policy_problems",
         "Problems found in the policy directory by the last load (0: it is served)",
@@ -98,6 +113,8 @@ def build_authz(
             max_body_bytes=rego.max_body_bytes,
             timeout=rego.timeout.total_seconds(),
         ),
+        redaction=redaction,
+        audit_required=audit_required,
     )
     return store, servicer
 
@@ -180,11 +197,13 @@ class AuthzStatus:
         credentials: SvidCredentials | None = None,
         watcher: WorkloadSvidWatcher | None = None,
         rego_mode: str = "custom",
+        audit: AuthzAudit | None = None,
     ) -> None:
         self._store = store
         self._credentials = credentials
         self._watcher = watcher
         self._rego_mode = rego_mode
+        self._audit = audit
         self.grpc_listening: str | None = None  # the address, once gRPC serves
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
@@ -205,6 +224,9 @@ class AuthzStatus:
             tls, tls_ok = self._tls()
             details["tls"] = tls
             ok = ok and tls_ok
+        if self._audit is not None:
+            audit_ok, details["audit"] = self._audit.details()
+            ok = ok and audit_ok
         return ok, details
 
     def _policy_set(self) -> dict[str, Any] | None:
@@ -295,8 +317,17 @@ async def _serve(
     config: Config, *, policies: Path, address: GrpcAddress, health_sock: socket.socket | None
 ) -> None:
     registry = CollectorRegistry()
-    sink = JsonLinesSink(config.data_dir / "audit" / "decisions.jsonl")
-    store, servicer = build_authz(config, policies=policies, sink=sink, registry=registry)
+    audit = AuthzAudit(config)
+    registry.register(audit.collector())
+    store, servicer = build_authz(
+        config,
+        policies=policies,
+        sink=audit.writer,
+        registry=registry,
+        redaction=audit.redaction,
+        audit_required=audit.required,
+        on_served=audit.policy_set_served,
+    )
     tls = config.authz.tls
     credentials: SvidCredentials | None = None
     watcher: WorkloadSvidWatcher | None = None
@@ -304,7 +335,11 @@ async def _serve(
         credentials = SvidCredentials()
         watcher = WorkloadSvidWatcher(tls.workload_api_socket, credentials)
     status = AuthzStatus(
-        store, credentials=credentials, watcher=watcher, rego_mode=config.authz.rego.mode
+        store,
+        credentials=credentials,
+        watcher=watcher,
+        rego_mode=config.authz.rego.mode,
+        audit=audit,
     )
     if credentials is not None:
         Gauge(
@@ -322,6 +357,7 @@ async def _serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopped.set)
+    shipper = asyncio.create_task(audit.supervise_shipper())
     tasks: list[asyncio.Task[None]] = []
     http = http_task = None
     if health_sock is not None:
@@ -340,7 +376,7 @@ async def _serve(
         server = _grpc_server(config, servicer, health, registry)
         port = _bind(server, address, credentials)
         await server.start()
-        if not tasks:
+        if watcher is None:
             # After the listener: "serving policy set" in the log means Check answers.
             tasks.append(asyncio.create_task(_reload_forever(config, store, health)))
         status.grpc_listening = (
@@ -365,7 +401,10 @@ async def _serve(
             http.should_exit = True
             await http_task
         await asyncio.gather(*tasks, return_exceptions=True)
-        sink.close()
+        # Nothing decides any more: close the spool, then let the shipper drain it.
+        audit.close()
+        shipper.cancel()
+        await asyncio.gather(shipper, return_exceptions=True)
 
 
 async def _first_svid(

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 from cryptography import x509
@@ -18,95 +17,28 @@ from cryptography.x509.oid import NameOID
 
 from identity.errors import IdentityError
 from identity.keys import KeyType, generate_key, signature_hash, write_private_key
-from meshward.admin_client import AdminClient, AdminError
-from meshward.config import Config, ConfigError, load_config
+from meshward.admin_client import AdminClient
+from meshward.audit_cli import audit
+from meshward.cli_options import (
+    DURATION,
+    F,
+    common,
+    config_from,
+    emit,
+    handle_errors,
+    server_options,
+    setup_logging,
+)
+from meshward.config import Config, load_config
 from meshward.durations import format_duration, parse_duration
 
 __all__ = ["main"]
 
-F = TypeVar("F", bound=Callable[..., Any])
 UP_TRUST_DOMAIN = "example.org"  # the embedded default of `meshward up`
 
 
-class DurationType(click.ParamType):  # type: ignore[type-arg]
-    name = "duration"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        try:
-            return parse_duration(value)
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-
-
-DURATION = DurationType()
-
-
-def common(func: F) -> F:
-    """Options every command takes: where the config and the data dir are, and output form."""
-    options = [
-        click.option(
-            "--config",
-            "config_path",
-            type=click.Path(path_type=Path, dir_okay=False),
-            envvar="MESHWARD_CONFIG",
-            help="YAML config file (env MESHWARD_CONFIG).",
-        ),
-        click.option(
-            "--data-dir",
-            type=click.Path(path_type=Path, file_okay=False),
-            help="Data directory (default ./.meshward, env MESHWARD_DATA_DIR).",
-        ),
-        click.option(
-            "--output",
-            type=click.Choice(["text", "json"]),
-            default="text",
-            envvar="MESHWARD_OUTPUT",
-            show_default=True,
-            help="Output format.",
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def server_options(func: F) -> F:
-    options = [
-        click.option("--trust-domain", help="Trust domain (env MESHWARD_TRUST_DOMAIN)."),
-        click.option("--database-url", help="SQLAlchemy URL (default SQLite in the data dir)."),
-        click.option(
-            "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def handle_errors(func: F) -> F:
-    """Turn every expected failure into one line on stderr and exit code 1; never a traceback."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except (AdminError, ConfigError, IdentityError) as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _config(config_path: Path | None, **flags: Any) -> Config:
-    return load_config(config_path, flags=flags)
-
-
 def _client(config_path: Path | None, data_dir: Path | None) -> AdminClient:
-    return AdminClient(_config(config_path, data_dir=data_dir).admin_socket)
-
-
-def _emit(output: str, data: Any, text: Callable[[Any], str]) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True) if output == "json" else text(data))
+    return AdminClient(config_from(config_path, data_dir=data_dir).admin_socket)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -117,20 +49,10 @@ def cli() -> None:
 # -- servers ---------------------------------------------------------------------------
 
 
-def _logging(config: Config) -> None:
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # Alembic narrates every start at INFO, which buries what the server itself says.
-    logging.getLogger("alembic.runtime.migration").setLevel(
-        max(logging.WARNING, logging.getLogger().level)
-    )
-
-
 def _run_server(config: Config, *, agent: bool = False) -> None:
     from meshward.runtime import run
 
-    _logging(config)
+    setup_logging(config)
     run(config, agent=agent)
 
 
@@ -148,7 +70,7 @@ def server(
 ) -> None:
     """Run the CA, registry and admin API."""
     _run_server(
-        _config(
+        config_from(
             config_path,
             data_dir=data_dir,
             trust_domain=trust_domain,
@@ -175,7 +97,7 @@ def up(
     Entries created without --parent-id belong to this agent; workloads reach it at
     unix://<data-dir>/agent.sock (export it as SPIFFE_ENDPOINT_SOCKET).
     """
-    config = _config(
+    config = config_from(
         config_path,
         data_dir=data_dir,
         trust_domain=trust_domain,
@@ -229,7 +151,7 @@ def agent(
             "agent.trust_bundle_path": trust_bundle,
         },
     )
-    _logging(config)
+    setup_logging(config)
     run_agent(config)
 
 
@@ -266,14 +188,14 @@ def authz_command(
     """
     from meshward.authz_runtime import run_authz
 
-    config = _config(
+    config = config_from(
         config_path,
         data_dir=data_dir,
         trust_domain=trust_domain,
         log_level=log_level,
         **{"authz.listen": listen},
     )
-    _logging(config)
+    setup_logging(config)
     run_authz(config, policies=policies)
 
 
@@ -307,7 +229,7 @@ def policy_lint(
     from authz.istio_lint import LintFinding, Severity, lint
     from meshward.authz_runtime import policy_store
 
-    config = _policy_tool_config(config_path, data_dir, trust_domain)
+    config = _policy_toolconfig_from(config_path, data_dir, trust_domain)
     assert config.trust_domain is not None
     domain = config.trust_domain
     aliases = tuple(config.authz.trust_domain_aliases)
@@ -358,7 +280,7 @@ def policy_lint(
     ok = loaded and not (strict and warnings)
     count = len(served.istio.policies) if served else 0
     modules = served.rego.modules if served and served.rego else 0
-    _emit(
+    emit(
         output,
         {
             "ok": ok,
@@ -380,10 +302,10 @@ def policy_lint(
         sys.exit(1)
 
 
-def _policy_tool_config(
+def _policy_toolconfig_from(
     config_path: Path | None, data_dir: Path | None, trust_domain: str | None
 ) -> Config:
-    config = _config(config_path, data_dir=data_dir, trust_domain=trust_domain)
+    config = config_from(config_path, data_dir=data_dir, trust_domain=trust_domain)
     # As lint: principals are matched literally unless an alias names another domain.
     if config.trust_domain is None:
         config = config.model_copy(update={"trust_domain": "cluster.local"})
@@ -416,8 +338,10 @@ def policy_test(
     """
     from meshward.policy_runner import run_policy_tests
 
-    report = run_policy_tests(_policy_tool_config(config_path, data_dir, trust_domain), directory)
-    _emit(output, report.as_dict(), lambda _: report.text())
+    report = run_policy_tests(
+        _policy_toolconfig_from(config_path, data_dir, trust_domain), directory
+    )
+    emit(output, report.as_dict(), lambda _: report.text())
     if not report.ok:
         sys.exit(1)
 
@@ -452,17 +376,17 @@ def policy_eval(
     from authz.errors import PolicyLoadError
     from meshward.policy_runner import evaluate_request, issue_dict
 
-    config = _policy_tool_config(config_path, data_dir, trust_domain)
+    config = _policy_toolconfig_from(config_path, data_dir, trust_domain)
     try:
         report = evaluate_request(config, directory, request_file)
     except PolicyLoadError as exc:
         # Bad input, as everywhere in the CLI: on stderr, unless JSON was asked for.
         if output == "json":
-            _emit(output, {"ok": False, "issues": [issue_dict(i) for i in exc.issues]}, str)
+            emit(output, {"ok": False, "issues": [issue_dict(i) for i in exc.issues]}, str)
         else:
             click.echo("\n".join(f"error: {i}" for i in exc.issues), err=True)
         sys.exit(1)
-    _emit(output, report.as_dict(), lambda _: report.text())
+    emit(output, report.as_dict(), lambda _: report.text())
     if not report.ok:
         sys.exit(1)
 
@@ -652,7 +576,7 @@ def entry_create(
     fields["expires_at"] = _aware(fields["expires_at"])
     with _client(config_path, data_dir) as client:
         created = client.json("POST", "/v1/entries", json=_entry_body(**fields))
-    _emit(output, created, _entry_text)
+    emit(output, created, _entry_text)
 
 
 @entry.command("update")
@@ -667,7 +591,7 @@ def entry_update(
     fields["expires_at"] = _aware(fields["expires_at"])
     with _client(config_path, data_dir) as client:
         updated = client.json("PATCH", f"/v1/entries/{entry_id}", json=_entry_body(**fields))
-    _emit(output, updated, _entry_text)
+    emit(output, updated, _entry_text)
 
 
 @entry.command("show")
@@ -677,7 +601,7 @@ def entry_update(
 def entry_show(config_path: Path | None, data_dir: Path | None, output: str, entry_id: str) -> None:
     """Show one entry."""
     with _client(config_path, data_dir) as client:
-        _emit(output, client.json("GET", f"/v1/entries/{entry_id}"), _entry_text)
+        emit(output, client.json("GET", f"/v1/entries/{entry_id}"), _entry_text)
 
 
 @entry.command("list")
@@ -708,7 +632,7 @@ def entry_list(
             return "no entries"
         return "\n\n".join(_entry_text(e) for e in items) + f"\n\n{len(items)} entries"
 
-    _emit(output, entries, text)
+    emit(output, entries, text)
 
 
 @entry.command("delete")
@@ -721,7 +645,7 @@ def entry_delete(
     """Delete an entry."""
     with _client(config_path, data_dir) as client:
         deleted = client.json("DELETE", f"/v1/entries/{entry_id}")
-    _emit(output, deleted, lambda e: f"deleted entry {e['id']} ({e['spiffe_id']})")
+    emit(output, deleted, lambda e: f"deleted entry {e['id']} ({e['spiffe_id']})")
 
 
 # -- join tokens -----------------------------------------------------------------------
@@ -742,7 +666,7 @@ def token_generate(config_path: Path | None, data_dir: Path | None, output: str,
     """Generate a single-use join token (shown once)."""
     with _client(config_path, data_dir) as client:
         issued = client.json("POST", "/v1/join-tokens", json={"ttl": int(ttl.total_seconds())})
-    _emit(output, issued, lambda t: f"Token: {t['token']}\nExpires at: {t['expires_at']}")
+    emit(output, issued, lambda t: f"Token: {t['token']}\nExpires at: {t['expires_at']}")
 
 
 # -- minting ---------------------------------------------------------------------------
@@ -808,7 +732,7 @@ def svid_mint(
         "files": {n: str(out_dir / n) for n in ("svid.pem", "key.pem", "bundle.pem")},
         "chain": [_cert_summary(c) for c in chain],
     }
-    _emit(output, summary, _svid_text)
+    emit(output, summary, _svid_text)
 
 
 def _cert_summary(cert: x509.Certificate) -> dict[str, Any]:
@@ -874,7 +798,7 @@ def jwt_mint(
         body["ttl"] = int(ttl.total_seconds())
     with _client(config_path, data_dir) as client:
         minted = client.json("POST", "/v1/svids/jwt", json=body)
-    _emit(output, minted, lambda m: m["token"])
+    emit(output, minted, lambda m: m["token"])
 
 
 # -- bundle and CA ---------------------------------------------------------------------
@@ -935,7 +859,7 @@ def _ca_text(c: dict[str, Any]) -> str:
 def ca_show(config_path: Path | None, data_dir: Path | None, output: str) -> None:
     """Show the CA slots (PREPARED / ACTIVE / OLD) and their schedule."""
     with _client(config_path, data_dir) as client:
-        _emit(output, client.json("GET", "/v1/ca"), _ca_text)
+        emit(output, client.json("GET", "/v1/ca"), _ca_text)
 
 
 @ca.command("rotate")
@@ -945,7 +869,10 @@ def ca_rotate(config_path: Path | None, data_dir: Path | None, output: str) -> N
     """Prepare and activate a new CA now (the old one stays in the bundle until it expires)."""
     with _client(config_path, data_dir) as client:
         result = client.json("POST", "/v1/ca/rotate")
-    _emit(output, result, lambda r: "\n".join(r["events"]) + "\n\n" + _ca_text(r["ca"]))
+    emit(output, result, lambda r: "\n".join(r["events"]) + "\n\n" + _ca_text(r["ca"]))
+
+
+cli.add_command(audit)
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ where it came from (file, environment variable or flag).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -18,11 +19,13 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    PlainSerializer,
     ValidationError,
     ValidationInfo,
     field_validator,
 )
 
+from audit.redaction import DEFAULT_REDACTED_QUERY_PARAMETERS
 from authz.rego_paths import DEFAULT_DECISION_PATH, parse_decision_path, parse_package_name
 from identity.entries import JWT_TTL_RANGE, X509_TTL_RANGE, check_ttl
 from identity.errors import IdentityError
@@ -37,7 +40,30 @@ DEFAULT_DATA_DIR = Path(".meshward")
 # Variables read by the CLI itself rather than mapped onto config keys.
 _ENV_NOT_CONFIG = frozenset({"MESHWARD_CONFIG", "MESHWARD_OUTPUT"})
 
-Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+# Serialized as seconds, which parse_duration reads back: a Config survives a JSON round
+# trip (how `meshward authz` hands its config to the shipper it starts).
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(parse_duration),
+    PlainSerializer(lambda v: v.total_seconds(), return_type=float, when_used="json"),
+]
+_SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB|TiB)?")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+
+
+def _byte_size(value: Any) -> int:
+    """A size in bytes: a bare number, or with a unit (512MiB, 4GiB)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a size; use e.g. 512MiB or 4GiB")
+    if isinstance(value, int):
+        return value
+    match = _SIZE.fullmatch(str(value).strip())
+    if match is None:
+        raise ValueError(f"{value!r} is not a size; use e.g. 1048576, 512MiB or 4GiB")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+ByteSize = Annotated[int, BeforeValidator(_byte_size)]
 
 
 class ConfigError(Exception):
@@ -237,6 +263,69 @@ class AuthzConfig(_Section):
     rego: AuthzRegoConfig = AuthzRegoConfig()  # policies/rego/: the Rego engine
 
 
+class AuditSpoolConfig(_Section):
+    directory: Path | None = None  # default <data_dir>/audit/spool
+    max_bytes: ByteSize = 1 << 30  # segments on disk not yet shipped; then audit.on_full
+    segment_bytes: ByteSize = 16 << 20
+    sync_interval: Duration = timedelta(milliseconds=50)  # fsync at least this often
+    sync_records: int = 1000  # ... or after this many records
+
+    @field_validator("segment_bytes")
+    @classmethod
+    def _segment(cls, value: int) -> int:
+        if value < 64 * 1024:
+            raise ValueError("must be at least 64KiB (a record with its request fits)")
+        return value
+
+    @field_validator("sync_records")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be 1 or more")
+        return value
+
+
+class AuditRetentionConfig(_Section):
+    max_age: Duration | None = timedelta(days=30)  # null: kept however old
+    max_rows: int | None = 10_000_000  # null: no limit
+    interval: Duration = timedelta(minutes=5)  # how often the shipper enforces it
+
+    @field_validator("max_rows")
+    @classmethod
+    def _rows(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError("must be 1 or more, or null for no limit")
+        return value
+
+
+def _header_name(value: str) -> str:
+    if not value or any(c.isspace() or c == ":" for c in value):
+        raise ValueError(f"{value!r} is not an HTTP header name, e.g. x-api-key")
+    return value.lower()
+
+
+class AuditConfig(_Section):
+    database_url: str | None = None  # default: SQLite <data_dir>/audit/audit.db
+    listen: HostPort = "127.0.0.1:8090"  # `meshward audit`: query API, page, /metrics
+    # deny: a request whose record cannot be kept (the spool is full) is denied
+    # (audit_unavailable); allow: it is served and the lost record counted.
+    on_full: Literal["deny", "allow"] = "deny"
+    spool: AuditSpoolConfig = AuditSpoolConfig()
+    retention: AuditRetentionConfig = AuditRetentionConfig()
+    # Header values never stored, beyond authorization, cookie, set-cookie and
+    # proxy-authorization (always), and any value that looks like a JWT.
+    redact_headers: list[Annotated[str, AfterValidator(_header_name)]] = [
+        "x-api-key",
+        "x-auth-token",
+    ]
+    redact_query_parameters: list[str] = list(DEFAULT_REDACTED_QUERY_PARAMETERS)
+    store_body: bool = False  # keep request bodies (cut to max_body_bytes) for replay
+    max_body_bytes: ByteSize = 1024
+    # Directories the page's replay form may name (and those below them); empty: the
+    # --policies directory of `meshward audit` only.
+    replay_roots: list[Path] = []
+
+
 class Config(_Section):
     trust_domain: str | None = None
     data_dir: Path = DEFAULT_DATA_DIR
@@ -247,6 +336,7 @@ class Config(_Section):
     svid: SvidConfig = SvidConfig()
     agent: AgentConfig = AgentConfig()
     authz: AuthzConfig = AuthzConfig()
+    audit: AuditConfig = AuditConfig()
 
     @field_validator("trust_domain")
     @classmethod
@@ -265,6 +355,16 @@ class Config(_Section):
     @property
     def agent_socket(self) -> Path:
         return self.agent.socket or self.data_dir / "agent.sock"
+
+    @property
+    def audit_spool(self) -> Path:
+        return self.audit.spool.directory or self.data_dir / "audit" / "spool"
+
+    @property
+    def audit_database_url(self) -> str:
+        from audit.store.database import sqlite_url
+
+        return self.audit.database_url or sqlite_url(self.data_dir)
 
 
 def load_config(

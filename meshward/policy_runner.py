@@ -16,7 +16,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from authz.audit_sink import MemorySink
+from audit.sink import MemorySink
 from authz.check_request import build_view
 from authz.decision_trace import PolicyMatch, RegoTrace, istio_trace, rego_trace, shadow_dict
 from authz.errors import AuthzError, PolicyIssue, PolicyLoadError

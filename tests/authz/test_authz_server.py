@@ -20,7 +20,8 @@ from google.protobuf import json_format
 from google.rpc import code_pb2
 from prometheus_client import CollectorRegistry
 
-from authz.audit_sink import DecisionRecord, MemorySink
+from audit.record import DecisionRecord
+from audit.sink import MemorySink
 from authz.check_response import DECISION_ID_HEADER
 from authz.policy_store import PolicyStore, ServedPolicies
 from authz.rego_engine import RegoModule, compile_rego

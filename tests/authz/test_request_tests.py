@@ -15,7 +15,7 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2
 from prometheus_client import CollectorRegistry
 
-from authz.audit_sink import MemorySink
+from audit.sink import MemorySink
 from authz.check_request import build_view
 from authz.errors import PolicyLoadError
 from authz.policy_store import PolicyStore

@@ -18,6 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.e2e.audit_trail import AuditTrail
+
 __all__ = [
     "MESHWARD",
     "AgentProcess",
@@ -325,7 +327,7 @@ class AuthzProcess:
 
     port: int
     policies: Path  # holds istio/
-    audit: Path  # the decision records, one JSON line each
+    audit: AuditTrail  # the decision records, in the store its shipper fills
     log: Path
     process: subprocess.Popen[bytes]
 
@@ -369,9 +371,7 @@ def running_authz(
             assert process.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)
-        yield AuthzProcess(
-            port, istio.parent, root / "authz-data" / "audit" / "decisions.jsonl", log, process
-        )
+        yield AuthzProcess(port, istio.parent, AuditTrail(root / "authz-data"), log, process)
     finally:
         process.terminate()
         assert process.wait(20) == 0, log.read_text()

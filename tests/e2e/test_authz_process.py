@@ -33,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from meshward.envoy_bootstrap import client_bootstrap, server_bootstrap, sidecar_bootstrap
 from tests.authz.svids import Authority, Leaf, served_certificate
+from tests.e2e.audit_trail import AuditTrail
 from tests.e2e.envoys import ENVOY, Envoy, launch, wait_until
 from tests.e2e.processes import MESHWARD, ServerProcess, cli_env, free_port, run_cli, running_server
 
@@ -282,9 +283,8 @@ def test_decisions_health_reload_ready_metrics_and_audit(root: Path) -> None:
         assert after["policy_set"]["version"] != version
         assert authz.metrics()[("meshward_policy_problems", ())] == 0
 
-    audit = root / "authz-data" / "audit" / "decisions.jsonl"
-    records = [json.loads(line) for line in audit.read_text().splitlines()]
-    # SIGTERM flushed the sink: every decision, the last one included, is on disk.
+    records = AuditTrail(root / "authz-data").records()
+    # SIGTERM drained the spool into the store: every decision, the last one included.
     assert any(r["policy_id"] == "default.lockdown[rules[0]]" for r in records)
     first = next(r for r in records if r["decision_id"] == decision_id)
     assert first["allowed"] is True

@@ -25,7 +25,6 @@ its version, computed with the server's own `PolicyStore` from a copy of the fil
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
@@ -41,6 +40,7 @@ import pytest
 
 from authz.policy_store import PolicyStore
 from meshward.envoy_bootstrap import server_bootstrap
+from tests.e2e.audit_trail import AuditTrail
 from tests.e2e.envoys import (
     CLIENT_ID,
     CLIENT_UID,
@@ -217,24 +217,15 @@ class DecisionLoop(RequestLoop):
 
 @dataclass
 class AuditTail:
-    """The decision records written so far, read as the file grows (whole lines only)."""
+    """The decision records stored so far, oldest first."""
 
-    path: Path
+    trail: AuditTrail
     records: list[dict[str, Any]] = field(default_factory=list)
     versions: Counter[str | None] = field(default_factory=Counter)
-    _offset: int = 0
 
     def poll(self) -> AuditTail:
-        if self.path.exists():
-            with self.path.open("rb") as audit:
-                audit.seek(self._offset)
-                chunk = audit.read()
-            complete = chunk[: chunk.rfind(b"\n") + 1]
-            self._offset += len(complete)
-            for line in complete.splitlines():
-                record = json.loads(line)
-                self.records.append(record)
-                self.versions[record["policy_set_version"]] += 1
+        self.records = self.trail.records()
+        self.versions = Counter(r["policy_set_version"] for r in self.records)
         return self
 
 

@@ -8,11 +8,9 @@ pushes over SDS; a steady request loop through both Envoys must see no failure.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -151,15 +149,7 @@ def test_ext_authz_decides_every_request_with_the_peer_principal_envoy_saw(
             staged = http.get(f"{base}/reviews/2")
             assert staged.status_code == 200
 
-        deadline = time.monotonic() + 20
-        records: list[dict[str, Any]] = []
-        while len(records) < 4 and time.monotonic() < deadline:
-            records = (
-                [json.loads(line) for line in authz.audit.read_text().splitlines()]
-                if authz.audit.exists()
-                else []
-            )
-            time.sleep(0.1)
+        records = authz.audit.wait(lambda rs: len(rs) >= 4)
         by_id = {r["decision_id"]: r for r in records}
         refused = by_id[denied.headers["x-meshward-decision-id"]]
         assert refused["allowed"] is False

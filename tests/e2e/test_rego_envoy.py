@@ -253,22 +253,13 @@ class Sidecars:
 
     def record(self, decision_id: str) -> dict[str, Any]:
         """The decision record of ``decision_id``, once the sink has written it."""
-        found: list[dict[str, Any]] = []
 
-        def written() -> bool:
+        def alive() -> None:
             assert self.authz.process.poll() is None, self.authz.log.read_text()[-4000:]
-            if self.authz.audit.exists():
-                text = self.authz.audit.read_text()
-                # Whole lines only: the sink may be halfway through the last one.
-                for line in text[: text.rfind("\n") + 1].splitlines():
-                    record = json.loads(line)
-                    if record["decision_id"] == decision_id:
-                        found.append(record)
-                        return True
-            return False
+            for envoy in self.envoys:
+                assert envoy.process.poll() is None, envoy.describe()
 
-        wait_until(written, *self.envoys)
-        return found[0]
+        return self.authz.audit.record(decision_id, alive=alive)
 
     def allowed(self, response: httpx.Response) -> tuple[Echo, dict[str, Any]]:
         """What the application received, and the record of the decision that let it in."""

@@ -1,0 +1,1 @@
+"""The audit store: decisions in SQL (SQLite by default, PostgreSQL by URL)."""

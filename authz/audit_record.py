@@ -1,0 +1,147 @@
+"""What the ext_authz server tells the audit trail: dry-run flips, the workload, the request.
+
+- :func:`dry_run_flips`: which dry-run policies would have changed this decision, and
+  to what. Istio's shadow engines hold only the dry-run policies of one action, so a
+  flip is read against the enforced outcome: a dry-run DENY that matched an allowed
+  request would deny it; a dry-run ALLOW that matched a request denied only because
+  no ALLOW matched would allow it; a dry-run ALLOW that did not match a request
+  allowed because no ALLOW policy applied would deny it (enforcing it would give the
+  workload an ALLOW policy). A Rego result that was not enforced, or the full set's
+  result with staged packages, flips when its verdict differs from the outcome.
+- :func:`request_snapshot`: the CheckRequest as the audit trail may keep it, in
+  protobuf binary form, with what :class:`audit.redaction.Redaction` forbids
+  replaced by keyed hashes (or, for bodies, removed), and the list of what was.
+
+Both run on every decision: the common case (no dry-run policy, no secret header,
+no body) costs a few attribute reads and one ``SerializeToString``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from envoy.service.auth.v3 import external_auth_pb2
+
+from audit.record import FLIP_TO_ALLOW, FLIP_TO_DENY, split_policy_id
+from audit.redaction import Redaction
+from authz.istio_engine import IstioDecision
+from authz.rego_provider import RegoOutcome
+
+__all__ = ["dry_run_flips", "request_snapshot", "workload_name"]
+
+# Istio's canonical service name comes from these labels, in this order.
+_NAME_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
+
+
+def workload_name(labels: Mapping[str, str], service: str | None) -> str | None:
+    """The destination workload's name as Istio's telemetry names it."""
+    for label in _NAME_LABELS:
+        value = labels.get(label)
+        if value:
+            return value
+    return service
+
+
+def dry_run_flips(
+    *,
+    allowed: bool,
+    engine: str,
+    istio: IstioDecision | None,
+    rego: RegoOutcome | None,
+    rego_decision: str | None,
+) -> tuple[dict[str, str], ...]:
+    """Every dry-run policy that would have turned ``allowed`` the other way."""
+    flips: list[dict[str, str]] = []
+    if istio is not None:
+        deny = istio.dry_run_deny
+        if deny is not None and not deny.allowed and allowed:
+            flips.append(_flip("istio", deny.effective_policy_id, FLIP_TO_DENY))
+        shadow = istio.dry_run_allow
+        if shadow is not None:
+            if shadow.allowed and not allowed and istio.reason == "no_allow_policy_matched":
+                if engine == "istio":
+                    flips.append(_flip("istio", shadow.effective_policy_id, FLIP_TO_ALLOW))
+            elif not shadow.allowed and allowed and istio.action is None:
+                flips.extend(_flip("istio", p, FLIP_TO_DENY) for p in shadow.policies)
+    if rego is not None:
+        if not rego.enforced and not rego.decision.allowed and allowed:
+            flips.append(_flip("rego", rego_decision, FLIP_TO_DENY))
+        shadow_rego = rego.shadow
+        if shadow_rego is not None and shadow_rego.allowed != rego.decision.allowed:
+            if not shadow_rego.allowed and allowed:
+                flips.extend(_flip("rego", p, FLIP_TO_DENY) for p in rego.dry_run_packages)
+            elif shadow_rego.allowed and not allowed and engine == "rego":
+                flips.extend(_flip("rego", p, FLIP_TO_ALLOW) for p in rego.dry_run_packages)
+    return tuple(flips)
+
+
+def _flip(engine: str, policy: str | None, to: str) -> dict[str, str]:
+    name, _ = split_policy_id(policy)
+    return {"engine": engine, "policy": name or "(unnamed)", "to": to}
+
+
+def request_snapshot(
+    request: external_auth_pb2.CheckRequest,
+    headers: Mapping[str, str] | None,
+    redaction: Redaction,
+) -> tuple[bytes, tuple[str, ...]]:
+    """The redacted request in binary form, and what was redacted (``header:NAME``,
+    ``query:NAME``, ``body``, ``body:truncated``).
+
+    ``headers`` are the request view's (lowercase names), when it could be built.
+    """
+    http = request.attributes.request.http
+    if headers is None:
+        headers = {k.lower(): v for k, v in http.headers.items()}
+        headers.update({h.key.lower(): h.value for h in http.header_map.headers})
+    secret = {name for name, value in headers.items() if redaction.header_is_secret(name, value)}
+    raw_secret = {
+        h.key.lower()
+        for h in http.header_map.headers
+        if h.raw_value and redaction.header_is_secret(h.key.lower(), _text(h.raw_value))
+    }
+    secret |= raw_secret
+    path, query_marks = redaction.path(http.path) if "?" in http.path else (http.path, ())
+    query, query_only_marks = redaction.path("?" + http.query) if http.query else ("", ())
+    if not secret and not query_marks and not query_only_marks and not (http.body or http.raw_body):
+        return request.SerializeToString(), ()
+    copy = external_auth_pb2.CheckRequest()
+    copy.CopyFrom(request)
+    out = copy.attributes.request.http
+    redacted = [f"header:{name}" for name in sorted(secret)]
+    for key in list(out.headers.keys()):
+        if key.lower() in secret:
+            out.headers[key] = redaction.mark(out.headers[key])
+        elif key == ":path" and query_marks:
+            out.headers[key] = redaction.path(out.headers[key])[0]
+    for entry in out.header_map.headers:
+        name = entry.key.lower()
+        if name in secret:
+            value = entry.value or _text(entry.raw_value)
+            entry.value, entry.raw_value = "", redaction.mark(value).encode()
+        elif name == ":path" and query_marks:
+            value = entry.value or _text(entry.raw_value)
+            entry.value, entry.raw_value = "", redaction.path(value)[0].encode()
+    if query_marks:
+        out.path = path
+    if query_only_marks:
+        out.query = query.removeprefix("?")
+    redacted += dict.fromkeys((*query_marks, *query_only_marks))
+    body = out.raw_body or out.body.encode("utf-8", "surrogateescape")
+    if body:
+        kept = redaction.body(body)
+        if kept is None:
+            out.ClearField("body")
+            out.ClearField("raw_body")
+            redacted.append("body")
+        elif len(kept) < len(body):
+            if out.raw_body:
+                out.raw_body = kept
+            else:
+                out.body = kept.decode("utf-8", "ignore")
+            redacted.append("body:truncated")
+    return copy.SerializeToString(), tuple(redacted)
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
