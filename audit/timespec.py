@@ -24,7 +24,7 @@ def parse_time(value: str, *, now_us: int, field: str) -> int:
         moment = datetime.fromisoformat(text)
     except ValueError:
         raise QueryError(
-            f"{value!r} is not a time; use RFC 3339 (2027-01-01T12:00:00Z) or a span back "
+            f"{field}={value!r} is not a time; use RFC 3339 (2027-01-01T12:00:00Z) or a span back "
             "from now (15m, 24h, 7d)",
             field=field,
         ) from None

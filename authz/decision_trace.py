@@ -30,7 +30,14 @@ from authz.request_view import RequestView
 
 _ORDER = (Action.CUSTOM, Action.DENY, Action.ALLOW, Action.AUDIT)
 
-__all__ = ["PolicyMatch", "RegoTrace", "istio_trace", "rego_trace", "shadow_dict"]
+__all__ = [
+    "PolicyMatch",
+    "RegoTrace",
+    "istio_summary",
+    "istio_trace",
+    "rego_trace",
+    "shadow_dict",
+]
 
 
 @dataclass(slots=True, frozen=True)
@@ -163,3 +170,18 @@ def rego_trace(
     return RegoTrace(
         engine.decision, engine.package, packages, evaluation.result, evaluation.shadow
     )
+
+
+def istio_summary(istio: IstioDecision | None) -> dict[str, Any]:
+    """The Istio engine's verdict as ``policy eval`` and ``audit explain`` report it."""
+    return {
+        "allowed": istio.allowed if istio else None,
+        "reason": istio.reason if istio else None,
+        "action": str(istio.action) if istio and istio.action else None,
+        "policy_id": istio.policy_id if istio else None,
+        "custom_provider": istio.custom_provider if istio else None,
+        "custom_policy_id": istio.custom_policy_id if istio else None,
+        "audit_policy_ids": list(istio.audit_policy_ids) if istio else [],
+        "dry_run_allow": shadow_dict(istio.dry_run_allow) if istio else None,
+        "dry_run_deny": shadow_dict(istio.dry_run_deny) if istio else None,
+    }

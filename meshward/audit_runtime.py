@@ -1,19 +1,34 @@
-"""Process wiring for ``meshward audit ship`` (the shipper) and ``meshward audit`` (the API)."""
+"""Process wiring for ``meshward audit ship`` (the shipper) and ``meshward audit serve`` (the API).
+
+The API opens the store read-only. It migrates the schema first (so that it can start
+before any shipper has), and when the database is down at start it serves anyway:
+``/ready`` says why it is not ready, and the migration is retried until it works.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
+from typing import Any
 
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from audit.api import create_audit_app
+from audit.errors import StoreError
 from audit.shipper import Shipper
 from audit.store.database import AuditDatabase
 from audit.store.retention import Retention
+from identity.health_api import health_router
+from meshward.audit_tools import explainer, replayer
 from meshward.config import Config
 
-__all__ = ["run_shipper"]
+__all__ = ["AuditServer", "run_audit_server", "run_shipper"]
 
 log = logging.getLogger("meshward")
 _PARENT_CHECK = 0.5  # seconds between looks at whether the parent authz is still there
@@ -67,3 +82,93 @@ def _watch_parent(parent: int, stop: threading.Event) -> None:
         if os.getppid() != parent:
             log.info("meshward audit ship: the authz process %d is gone; stopping", parent)
             stop.set()
+
+
+class AuditServer:
+    """The query API, the page and health for one audit database."""
+
+    def __init__(self, config: Config, *, policies: Path | None = None) -> None:
+        self.config = config
+        self.url = config.audit_database_url
+        self.reader = AuditDatabase(self.url, read_only=True)
+        self.registry = CollectorRegistry()
+        self.migrated = False
+        self.last_error: str | None = None
+        roots = list(config.audit.replay_roots) or ([policies] if policies else [])
+        self.app: FastAPI = create_audit_app(
+            self.reader,
+            registry=self.registry,
+            explain=explainer(config),
+            replay=replayer(config, roots) if roots else None,
+        )
+        self.app.include_router(health_router(self.registry, self.ready))
+
+    def migrate(self) -> bool:
+        """Create or update the schema with a writable connection; False while it fails."""
+        writer = AuditDatabase(self.url)
+        try:
+            writer.migrate()
+        except StoreError as exc:
+            if str(exc) != self.last_error:
+                log.error("audit: %s; retrying", exc)
+            self.last_error = str(exc)
+            return False
+        finally:
+            writer.dispose()
+        self.migrated, self.last_error = True, None
+        return True
+
+    async def keep_migrating(self) -> None:
+        delay = 0.5
+        while not self.migrated:
+            if await asyncio.to_thread(self.migrate):
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        details: dict[str, Any] = {"database": self.reader.display_url}
+        if not self.migrated:
+            details["error"] = self.last_error or "the schema is not created yet"
+            return False, details
+        try:
+            self.reader.check()
+        except StoreError as exc:
+            details["error"] = str(exc)
+            return False, details
+        return True, details
+
+    def close(self) -> None:
+        self.reader.dispose()
+
+
+def run_audit_server(config: Config, *, policies: Path | None) -> None:
+    """Serve the API and page on ``audit.listen`` until SIGINT/SIGTERM."""
+    from meshward.runtime import _listen_tcp, _Server, _uvicorn_config
+
+    sock = _listen_tcp(config.audit.listen, setting="audit.listen")
+    server = AuditServer(config, policies=policies)
+
+    async def serve() -> None:
+        http = _Server(_uvicorn_config(server.app))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: setattr(http, "should_exit", True))
+        migrating = asyncio.create_task(server.keep_migrating())
+        host, port = sock.getsockname()[:2]
+        log.info(
+            "meshward audit: API and page on http://%s:%d/ (OpenAPI at /docs), store %s",
+            host,
+            port,
+            server.reader.display_url,
+        )
+        try:
+            await http.serve(sockets=[sock])
+        finally:
+            migrating.cancel()
+
+    try:
+        asyncio.run(serve())
+    finally:
+        sock.close()
+        server.close()

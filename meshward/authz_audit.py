@@ -30,10 +30,32 @@ from audit.store.ingest import encode_policy_set_files
 from authz.policy_store import ServedPolicies
 from meshward.config import Config
 
-__all__ = ["AuthzAudit"]
+__all__ = ["AuthzAudit", "served_settings", "with_settings"]
 
 log = logging.getLogger("meshward")
 _RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0)
+
+
+def served_settings(config: Config) -> dict[str, Any]:
+    """The authz settings that decide how a policy set reads (kept with the set)."""
+    authz = config.authz
+    return {
+        "trust_domain": config.trust_domain,
+        "trust_domain_aliases": list(authz.trust_domain_aliases),
+        "root_namespace": authz.root_namespace,
+        "rego": authz.rego.model_dump(mode="json"),
+    }
+
+
+def with_settings(config: Config, settings: dict[str, Any]) -> Config:
+    """``config`` with the authz settings a policy set was served with (see above)."""
+    data = config.model_dump(mode="json")
+    if settings.get("trust_domain"):
+        data["trust_domain"] = settings["trust_domain"]
+    for key in ("trust_domain_aliases", "root_namespace", "rego"):
+        if key in settings:
+            data["authz"][key] = settings[key]
+    return Config.model_validate(data)
 
 
 class AuthzAudit:
@@ -74,6 +96,7 @@ class AuthzAudit:
                 "version": served.version,
                 "time_us": time.time_ns() // 1000,
                 "files": encode_policy_set_files(served.sources),
+                "settings": served_settings(self.config),
             }
         )
         if not self.writer.append(KIND_POLICY_SET, document):

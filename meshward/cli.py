@@ -18,7 +18,7 @@ from cryptography.x509.oid import NameOID
 from identity.errors import IdentityError
 from identity.keys import KeyType, generate_key, signature_hash, write_private_key
 from meshward.admin_client import AdminClient
-from meshward.audit_cli import audit
+from meshward.audit_cli import audit, policy_replay
 from meshward.cli_options import (
     DURATION,
     F,
@@ -873,6 +873,7 @@ def ca_rotate(config_path: Path | None, data_dir: Path | None, output: str) -> N
 
 
 cli.add_command(audit)
+policy.add_command(policy_replay)
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ __all__ = ["DEFAULT_DATA_DIR", "ENV_PREFIX", "Config", "ConfigError", "load_conf
 ENV_PREFIX = "MESHWARD_"
 DEFAULT_DATA_DIR = Path(".meshward")
 # Variables read by the CLI itself rather than mapped onto config keys.
-_ENV_NOT_CONFIG = frozenset({"MESHWARD_CONFIG", "MESHWARD_OUTPUT"})
+_ENV_NOT_CONFIG = frozenset({"MESHWARD_CONFIG", "MESHWARD_OUTPUT", "MESHWARD_AUDIT_URL"})
 
 # Serialized as seconds, which parse_duration reads back: a Config survives a JSON round
 # trip (how `meshward authz` hands its config to the shipper it starts).

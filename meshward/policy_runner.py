@@ -18,10 +18,15 @@ from prometheus_client import CollectorRegistry
 
 from audit.sink import MemorySink
 from authz.check_request import build_view
-from authz.decision_trace import PolicyMatch, RegoTrace, istio_trace, rego_trace, shadow_dict
+from authz.decision_trace import (
+    PolicyMatch,
+    RegoTrace,
+    istio_summary,
+    istio_trace,
+    rego_trace,
+)
 from authz.errors import AuthzError, PolicyIssue, PolicyLoadError
-from authz.istio_engine import IstioDecision
-from authz.policy_store import PolicyStore
+from authz.policy_store import PolicyStore, ServedPolicies
 from authz.rego_engine import RegoResult
 from authz.rego_hazards import directory_crash_hazards
 from authz.rego_tests import RegoTestOutcome, RegoTestResult, run_rego_tests
@@ -42,9 +47,12 @@ from meshward.config import Config, ConfigError
 
 __all__ = [
     "EvalReport",
+    "Harness",
     "PolicyTestReport",
     "evaluate_request",
+    "harness",
     "issue_dict",
+    "load_harness",
     "run_policy_tests",
 ]
 
@@ -52,19 +60,38 @@ AnyTestResult = RegoTestResult | RequestTestResult
 
 
 @dataclass(slots=True)
-class _Harness:
+class Harness:
+    """A policy directory loaded the way ``meshward authz`` serves it, deciding into memory."""
+
     store: PolicyStore
     servicer: AuthorizationServicer
     sink: MemorySink
 
+    @property
+    def served(self) -> ServedPolicies:
+        assert self.store.current is not None, "load the harness with load_harness"
+        return self.store.current
 
-def _harness(config: Config, directory: Path) -> _Harness:
+
+def harness(config: Config, directory: Path) -> Harness:
+    """``directory`` loaded (problems in ``store.issues``); a Rego crash hazard is not loaded."""
     sink = MemorySink()
     store, servicer = build_authz(
         config, policies=directory, sink=sink, registry=CollectorRegistry()
     )
     store.reload()
-    return _Harness(store, servicer, sink)
+    return Harness(store, servicer, sink)
+
+
+def load_harness(config: Config, directory: Path) -> Harness:
+    """``directory`` loaded, or PolicyLoadError with every problem (crash hazards first)."""
+    hazards = directory_crash_hazards(directory / "rego")
+    if hazards:
+        raise PolicyLoadError(hazards)
+    loaded = harness(config, directory)
+    if loaded.store.current is None or loaded.store.issues:
+        raise PolicyLoadError(loaded.store.issues)
+    return loaded
 
 
 def _check_directory(directory: Path) -> None:
@@ -189,10 +216,10 @@ def run_policy_tests(config: Config, directory: Path) -> PolicyTestReport:
         # Loading would kill this process; the problems say what to rename or rewrite.
         report.issues = list(dict.fromkeys([*issues, *hazards]))
         return report
-    harness = _harness(config, directory)
-    issues.extend(harness.store.issues)
-    if harness.store.current is not None and not harness.store.issues:
-        report.results.extend(run_request_test(t, harness.servicer, harness.sink) for t in tests)
+    loaded = harness(config, directory)
+    issues.extend(loaded.store.issues)
+    if loaded.store.current is not None and not loaded.store.issues:
+        report.results.extend(run_request_test(t, loaded.servicer, loaded.sink) for t in tests)
     # The Rego runner and the store both load rego/: the same problem, reported once.
     report.issues = list(dict.fromkeys(issues))
     return report
@@ -341,22 +368,17 @@ def evaluate_request(config: Config, directory: Path, request_file: Path) -> Eva
     """
     _check_directory(directory)
     test = load_request_test(request_file)
-    hazards = directory_crash_hazards(directory / "rego")
-    if hazards:
-        raise PolicyLoadError(hazards)
-    harness = _harness(config, directory)
-    served = harness.store.current
-    if served is None or harness.store.issues:
-        raise PolicyLoadError(harness.store.issues)
+    loaded = load_harness(config, directory)
+    served = loaded.served
     # One CheckRequest for the decision and the trace: its request.time is in the input.
     check = build_check_request(test.request)
-    observed = decide(check, harness.servicer, harness.sink)
+    observed = decide(check, loaded.servicer, loaded.sink)
     destination = test.request.destination
     report = EvalReport(
         test=test,
         observed=observed,
         policies=[],
-        istio=_istio_summary(None),
+        istio=istio_summary(None),
         rego=None,
         mismatches=compare(test.expect, observed) if test.expect is not None else [],
         workload=_workload_text(destination.namespace, destination.labels, destination.service),
@@ -367,7 +389,7 @@ def evaluate_request(config: Config, directory: Path, request_file: Path) -> Eva
     except AuthzError:
         return report  # denied before any engine ran (request_parse_error …): nothing to trace
     report.policies, istio = istio_trace(served.istio, view)
-    report.istio = _istio_summary(istio)
+    report.istio = istio_summary(istio)
     record = observed.record
     # Only what the server asked: with authz.rego.mode custom, a CUSTOM rego match.
     if served.rego is not None and record is not None and record.rego_decision is not None:
@@ -379,20 +401,6 @@ def evaluate_request(config: Config, directory: Path, request_file: Path) -> Eva
             max_body_bytes=config.authz.rego.max_body_bytes,
         )
     return report
-
-
-def _istio_summary(istio: IstioDecision | None) -> dict[str, Any]:
-    return {
-        "allowed": istio.allowed if istio else None,
-        "reason": istio.reason if istio else None,
-        "action": str(istio.action) if istio and istio.action else None,
-        "policy_id": istio.policy_id if istio else None,
-        "custom_provider": istio.custom_provider if istio else None,
-        "custom_policy_id": istio.custom_policy_id if istio else None,
-        "audit_policy_ids": list(istio.audit_policy_ids) if istio else [],
-        "dry_run_allow": shadow_dict(istio.dry_run_allow) if istio else None,
-        "dry_run_deny": shadow_dict(istio.dry_run_deny) if istio else None,
-    }
 
 
 def _workload_text(namespace: str | None, labels: Any, service: str | None) -> str:

@@ -107,6 +107,7 @@ def decode_entries(entries: Iterable[Entry]) -> Batch:
                         "version": str(document["version"]),
                         "first_served_us": int(document["time_us"]),
                         "files": orjson.dumps(document["files"]).decode(),
+                        "settings": orjson.dumps(document.get("settings") or {}).decode(),
                     }
                 )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:

@@ -82,12 +82,14 @@ class DryRunFlipRow(AuditBase):
 
 
 class PolicySetRow(AuditBase):
-    """The files of a served policy set, so that ``explain`` evaluates as it was."""
+    """The files of a served policy set and the authz settings that read them (trust
+    domain, root namespace, Rego decision…), so that ``explain`` evaluates as it was."""
 
     __tablename__ = "policy_sets"
     version: Mapped[str] = mapped_column(String(64), primary_key=True)
     first_served_us: Mapped[int] = mapped_column(BigInteger)
     files: Mapped[str] = mapped_column(Text)  # JSON: [[relative path, base64 contents], ...]
+    settings: Mapped[str] = mapped_column(Text)  # JSON: the authz settings it was served with
 
 
 class SpoolPositionRow(AuditBase):

@@ -39,6 +39,7 @@ __all__ = [
     "GROUPS",
     "Filters",
     "Page",
+    "StoredPolicySet",
     "dry_run_policies",
     "edges",
     "get_decision",
@@ -321,12 +322,27 @@ def get_decision(conn: Connection, decision_id: str) -> dict[str, Any] | None:
     return item
 
 
-def policy_set(conn: Connection, version: str) -> list[tuple[str, bytes]] | None:
-    """The files of policy-set ``version``, if the trail holds them."""
-    files = conn.execute(
-        select(PolicySetRow.__table__.c.files).where(PolicySetRow.__table__.c.version == version)
-    ).scalar()
-    return None if files is None else policy_set_files(files)
+@dataclass(slots=True, frozen=True)
+class StoredPolicySet:
+    version: str
+    files: list[tuple[str, bytes]]
+    settings: dict[str, Any]  # the authz settings it was served with
+
+
+_SETS = PolicySetRow.__table__.c
+
+
+def policy_set(conn: Connection, version: str | None = None) -> StoredPolicySet | None:
+    """Policy-set ``version`` (None: the one first served last), if the trail holds it."""
+    query = select(_SETS.version, _SETS.files, _SETS.settings)
+    if version is None:
+        query = query.order_by(_SETS.first_served_us.desc()).limit(1)
+    else:
+        query = query.where(_SETS.version == version)
+    row = conn.execute(query).first()
+    if row is None:
+        return None
+    return StoredPolicySet(row.version, policy_set_files(row.files), orjson.loads(row.settings))
 
 
 # -- aggregates ------------------------------------------------------------------------

@@ -32,6 +32,7 @@ __all__ = [
     "register",
     "run_cli",
     "running_agent",
+    "running_audit",
     "running_authz",
     "running_server",
     "write_config",
@@ -375,3 +376,58 @@ def running_authz(
     finally:
         process.terminate()
         assert process.wait(20) == 0, log.read_text()
+
+
+@dataclass(frozen=True)
+class AuditProcess:
+    """A `meshward audit` subprocess: the query API and page on ``url``."""
+
+    url: str
+    log: Path
+    process: subprocess.Popen[bytes]
+
+    def get(self, path: str, **params: Any) -> httpx.Response:
+        return httpx.get(f"{self.url}{path}", params=params, timeout=30)
+
+
+@contextmanager
+def running_audit(
+    data_dir: Path,
+    log: Path,
+    *,
+    extra: Sequence[str | Path] = (),
+    env: Mapping[str, str] | None = None,
+) -> Iterator[AuditProcess]:
+    """`meshward audit` on ``data_dir``'s store, on a port picked now; ready once /ready is 200."""
+    port = free_port()
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                str(MESHWARD),
+                "audit",
+                "--data-dir",
+                str(data_dir),
+                "--listen",
+                f"127.0.0.1:{port}",
+                *(str(a) for a in extra),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=cli_env(**(env or {})),
+        )
+    audit = AuditProcess(f"http://127.0.0.1:{port}", log, process)
+    try:
+        deadline = time.monotonic() + READY_DEADLINE
+        while True:
+            assert process.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{audit.url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        yield audit
+    finally:
+        process.terminate()
+        assert process.wait(STOP_DEADLINE) == 0, log.read_text()

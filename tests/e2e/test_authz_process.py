@@ -27,13 +27,14 @@ import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
-from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshward.envoy_bootstrap import client_bootstrap, server_bootstrap, sidecar_bootstrap
 from tests.authz.svids import Authority, Leaf, served_certificate
 from tests.e2e.audit_trail import AuditTrail
+from tests.e2e.checks import check
 from tests.e2e.envoys import ENVOY, Envoy, launch, wait_until
 from tests.e2e.processes import MESHWARD, ServerProcess, cli_env, free_port, run_cli, running_server
 
@@ -73,22 +74,6 @@ spec:
 PRODUCTPAGE = "spiffe://example.org/ns/default/sa/productpage"
 OK = grpc.StatusCode.OK.value[0]
 DENIED = grpc.StatusCode.PERMISSION_DENIED.value[0]
-
-
-def check(principal: str, method: str, path: str) -> external_auth_pb2.CheckRequest:
-    request = external_auth_pb2.CheckRequest()
-    attributes = request.attributes
-    attributes.source.principal = principal
-    attributes.source.address.socket_address.address = "10.0.0.7"
-    attributes.destination.principal = "spiffe://example.org/ns/default/sa/reviews"
-    attributes.destination.address.socket_address.address = "10.0.0.9"
-    attributes.destination.address.socket_address.port_value = 9080
-    attributes.request.http.method = method
-    attributes.request.http.path = path
-    attributes.request.http.host = "reviews.default.svc"
-    attributes.context_extensions["namespace"] = "default"
-    attributes.context_extensions["labels"] = "app=reviews,version=v1"
-    return request
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -20,7 +19,6 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from spiffe import JwtBundle, JwtSvid, SpiffeId, TrustDomain, X509Bundle, X509Svid
 from sqlalchemy import func, select
-from starlette.exceptions import StarletteDeprecationWarning
 
 from identity.admin_api import create_admin_app
 from identity.authority import CASettings, CertificateAuthority
@@ -29,13 +27,8 @@ from identity.store.issued import list_issued
 from identity.store.models import JoinTokenRow
 from meshward.config import load_config
 from meshward.runtime import IdentityServer, build_identity_server
+from tests.asgi_client import TestClient
 from tests.conftest import FakeClock
-
-with warnings.catch_warnings():
-    # Starlette's TestClient warns at import that it prefers the httpx2 fork; the project
-    # depends on httpx, which it still supports. The warning is not about meshward.
-    warnings.simplefilter("ignore", StarletteDeprecationWarning)
-    from fastapi.testclient import TestClient
 
 TD = TrustDomain("example.org")
 WEB = "spiffe://example.org/ns/default/sa/web"

@@ -75,6 +75,7 @@ def upgrade() -> None:
     sa.Column('version', sa.String(length=64), nullable=False),
     sa.Column('first_served_us', sa.BigInteger(), nullable=False),
     sa.Column('files', sa.Text(), nullable=False),
+    sa.Column('settings', sa.Text(), nullable=False),
     sa.PrimaryKeyConstraint('version'),
     )
     op.create_table('spool_positions',
