@@ -221,20 +221,30 @@ class Shipper:
         except OSError as exc:
             log.warning("audit: cannot write %s: %s", path, exc)
 
-    def _lock(self, stop: threading.Event) -> int | None:
-        """The spool's shipper lock, waited for: a shipper being replaced may still run."""
+    def _lock(self, stop: threading.Event, *, grace: float = 10.0) -> int | None:
+        """The spool's shipper lock, waited for: a shipper being replaced may still run.
+
+        Asked to stop before it has the lock (a last drain), it still waits ``grace``
+        seconds for it; None if the lock never came.
+        """
         path = self.directory / "shipper.lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         waited = False
-        while not stop.is_set():
+        until: float | None = None
+        while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return fd
             except BlockingIOError:
-                if not waited:
-                    log.info("audit: another shipper drains %s; waiting for it", self.directory)
-                    waited = True
-                stop.wait(0.1)
+                pass
+            if not waited:
+                log.info("audit: another shipper drains %s; waiting for it", self.directory)
+                waited = True
+            if stop.is_set():
+                until = until or time.monotonic() + grace
+                if time.monotonic() >= until:
+                    break
+            time.sleep(0.1)
         with contextlib.suppress(OSError):
             os.close(fd)
         return None

@@ -159,7 +159,8 @@ def audit(
     "--config-stdin",
     is_flag=True,
     hidden=True,
-    help="Read the whole config as JSON on stdin (how meshward authz starts its shipper).",
+    help="Read the config as one JSON line on stdin, and stop at end of file (how "
+    "meshward authz runs its shipper).",
 )
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
 @handle_errors
@@ -179,11 +180,11 @@ def ship(
     from meshward.audit_runtime import run_shipper
 
     if config_stdin:
-        config = Config.model_validate_json(sys.stdin.buffer.read())
+        config = Config.model_validate_json(sys.stdin.buffer.readline())
     else:
         config = config_from(config_path, data_dir=data_dir, log_level=log_level)
     setup_logging(config)
-    run_shipper(config, once=once, follow_parent=config_stdin)
+    run_shipper(config, once=once, lifeline=sys.stdin.buffer if config_stdin else None)
 
 
 def _query_options(func: F) -> F:

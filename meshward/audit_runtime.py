@@ -14,7 +14,7 @@ import signal
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, BinaryIO
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
@@ -31,15 +31,15 @@ from meshward.config import Config
 __all__ = ["AuditServer", "run_audit_server", "run_shipper"]
 
 log = logging.getLogger("meshward")
-_PARENT_CHECK = 0.5  # seconds between looks at whether the parent authz is still there
 
 
-def run_shipper(config: Config, *, once: bool = False, follow_parent: bool = False) -> None:
+def run_shipper(config: Config, *, once: bool = False, lifeline: BinaryIO | None = None) -> None:
     """Drain ``config.audit_spool`` into the audit database until SIGTERM/SIGINT.
 
-    ``once``: drain what is there and exit. ``follow_parent``: also exit when the
-    process that started this one is gone (``meshward authz`` after a SIGKILL): its
-    replacement starts a shipper of its own, which waits for this one's lock.
+    ``once``: drain what is there and exit. ``lifeline``: also stop at its end of file,
+    when the ``meshward authz`` that started this one closes it or is gone (even after
+    a SIGKILL); its replacement starts a shipper of its own, which waits for this one's
+    lock.
     """
     db = AuditDatabase(config.audit_database_url)
     retention = config.audit.retention
@@ -64,10 +64,9 @@ def run_shipper(config: Config, *, once: bool = False, follow_parent: bool = Fal
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, stopping)
-        if follow_parent:
-            parent = os.getppid()
+        if lifeline is not None:
             threading.Thread(
-                target=_watch_parent, args=(parent, stop), name="parent-watch", daemon=True
+                target=_watch, args=(lifeline, stop), name="lifeline", daemon=True
             ).start()
         log.info(
             "meshward audit ship: %s → %s (pid %d)", config.audit_spool, db.display_url, os.getpid()
@@ -77,11 +76,11 @@ def run_shipper(config: Config, *, once: bool = False, follow_parent: bool = Fal
         db.dispose()
 
 
-def _watch_parent(parent: int, stop: threading.Event) -> None:
-    while not stop.wait(_PARENT_CHECK):
-        if os.getppid() != parent:
-            log.info("meshward audit ship: the authz process %d is gone; stopping", parent)
-            stop.set()
+def _watch(lifeline: BinaryIO, stop: threading.Event) -> None:
+    while lifeline.read(4096):
+        pass
+    log.info("meshward audit ship: the authz process stopped it (or is gone); stopping")
+    stop.set()
 
 
 class AuditServer:

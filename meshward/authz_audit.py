@@ -2,17 +2,18 @@
 
 The authz process appends every decision to its spool (``audit.spool``) and starts
 ``meshward audit ship`` as a child that drains the spool into ``audit.database_url``,
-restarting it whenever it exits. The child gets this process's configuration as JSON
-on its stdin (never in argv, where a database password would show in ``ps``) and
-exits when this process is gone. Metrics and ``/ready`` read the spool and the
-shipper's ``shipper.json``.
+restarting it whenever it exits. The child reads this process's configuration as one
+JSON line on its stdin (never in argv, where a database password would show in
+``ps``), and the pipe stays open as its lifeline: at end of file (this process closed
+it to stop the child, or died, even by SIGKILL) the child ships what it can and
+exits. Metrics and ``/ready`` read the spool and the shipper's ``shipper.json``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import signal
 import subprocess
 import sys
 import time
@@ -116,6 +117,9 @@ class AuthzAudit:
             while True:
                 child = self._start_child()
                 code = await asyncio.to_thread(child.wait)
+                if child.stdin is not None:
+                    with contextlib.suppress(OSError):
+                        child.stdin.close()
                 delay = _RESTART_BACKOFF[min(self._restarts, len(_RESTART_BACKOFF) - 1)]
                 self._restarts += 1
                 log.error(
@@ -136,16 +140,20 @@ class AuthzAudit:
             start_new_session=True,  # a Ctrl-C to the terminal reaches authz, which stops it
         )
         assert child.stdin is not None
-        child.stdin.write(self.config.model_dump_json().encode())
-        child.stdin.close()
+        child.stdin.write(self.config.model_dump_json().encode() + b"\n")
+        child.stdin.flush()
         self._child = child
         return child
 
     def _stop_child(self) -> None:
+        """Stop the shipper once it has shipped what it can; if it was not running (killed,
+        or between restarts), run one that does just that."""
         child = self._child
         if child is None or child.poll() is not None:
-            return
-        child.send_signal(signal.SIGTERM)
+            child = self._start_child()
+        if child.stdin is not None:
+            with contextlib.suppress(OSError):
+                child.stdin.close()  # end of file: ship what is there, then exit
         try:
             child.wait(30)
         except subprocess.TimeoutExpired:
