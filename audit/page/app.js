@@ -26,7 +26,7 @@ function el(tag, attrs = {}, ...children) {
     else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
     else node.setAttribute(key, value === true ? "" : String(value));
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child === null || child === undefined || child === false) continue;
     node.append(child instanceof Node ? child : document.createTextNode(String(child)));
   }
@@ -130,7 +130,7 @@ function table(node, headings, rows, empty = "nothing in this range") {
 }
 
 function bar(count, max, kind) {
-  const width = max ? Math.max(1, Math.round((count / max) * 120)) : 0;
+  const width = max ? Math.max(1, Math.round((count / max) * 80)) : 0;
   return el("span", { class: `bar ${kind}`, style: `width:${width}px` });
 }
 
@@ -145,7 +145,10 @@ async function loadOverview() {
   const since = params.get("since");
   const bucket = BUCKETS[since] || 300;
   const series = await api("/aggregates/series", new URLSearchParams([...params, ["bucket", bucket]]));
-  drawChart(series.points, bucket);
+  // The whole window, not just the buckets that have decisions: a burst looks like one.
+  const from = Date.parse(series.filters.since) * 1000;
+  const to = series.filters.until ? Date.parse(series.filters.until) * 1000 : Date.now() * 1000;
+  drawChart(series.points, bucket, from, to);
   const denied = new URLSearchParams(params);
   if (!denied.has("allowed")) denied.set("allowed", "false");
   await Promise.all([
@@ -167,7 +170,7 @@ async function topTable(selector, by, filterName, params) {
   )));
 }
 
-function drawChart(points, bucket) {
+function drawChart(points, bucket, windowStart, windowEnd) {
   const chart = $("#chart");
   const allowed = points.reduce((n, p) => n + p.allowed, 0);
   const denied = points.reduce((n, p) => n + p.denied, 0);
@@ -195,8 +198,8 @@ function drawChart(points, bucket) {
     chart.replaceChildren(svg);
     return;
   }
-  const start = points[0].time_us;
-  const end = points[points.length - 1].time_us + bucket * 1e6;
+  const start = Math.min(windowStart || points[0].time_us, points[0].time_us);
+  const end = Math.max(windowEnd || 0, points[points.length - 1].time_us + bucket * 1e6);
   const span = Math.max(end - start, bucket * 1e6);
   const max = Math.max(...points.map((p) => p.allowed + p.denied));
   const plotW = width - pad.left - pad.right;
@@ -275,7 +278,7 @@ async function showExplanation(id) {
     ["from", el("code", {}, d.source_principal || "no client certificate"), d.source_ip ? ` (${d.source_ip})` : ""],
     d.request_principal ? ["end user", el("code", {}, d.request_principal)] : null,
     ["to", `${d.destination_namespace || "-"}/${d.destination_workload || "-"}`, d.destination_port ? ` port ${d.destination_port}` : ""],
-    ["request", el("code", {}, `${d.method || ""} ${d.host || ""}${d.path || ""}`)],
+    ["request", el("code", {}, `${d.method || ""} ${d.path || ""}`), d.host ? ` (host ${d.host})` : ""],
     ["policy set", `${report.policy_set.version || "-"} (${report.policy_set.kept ? "kept" : "not kept"})`],
     ["latency", d.latency_us !== null ? `${d.latency_us} µs` : "-"],
   ].filter(Boolean);
