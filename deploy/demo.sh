@@ -8,9 +8,11 @@ cd "$(dirname "$0")/.."
 meshward=.venv/bin/meshward
 data_dir=$(mktemp -d "${TMPDIR:-/tmp}/meshward-demo.XXXXXX")
 export MESHWARD_DATA_DIR=$data_dir
-# The health port is picked free at run time so the demo never collides with a running server.
-MESHWARD_SERVER__HEALTH_LISTEN=127.0.0.1:$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-export MESHWARD_SERVER__HEALTH_LISTEN
+# Ports are picked free at run time so the demo never collides with a running server.
+free_port() { .venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+MESHWARD_SERVER__HEALTH_LISTEN=127.0.0.1:$(free_port)
+MESHWARD_AUDIT__LISTEN=127.0.0.1:$(free_port)
+export MESHWARD_SERVER__HEALTH_LISTEN MESHWARD_AUDIT__LISTEN
 # The agent runs inside `up`; no remote agent joins the demo, so the node API stays off.
 export MESHWARD_SERVER__NODE_LISTEN=""
 

@@ -98,7 +98,7 @@ class AuditServer:
             self.reader,
             registry=self.registry,
             explain=explainer(config),
-            replay=replayer(config, roots) if roots else None,
+            replay=replayer(config, roots),
         )
         self.app.include_router(health_router(self.registry, self.ready))
 

@@ -117,6 +117,12 @@ def replayer(config: Config, roots: list[Path]) -> Replay:
         policies: str, decisions: Iterator[dict[str, Any]], latest: StoredPolicySet | None
     ) -> dict[str, Any]:
         directory = Path(policies).resolve()
+        if not allowed:
+            raise ReplayError(
+                "this audit server reads no policy directories: set audit.replay_roots (or "
+                "start `meshward audit` with --policies DIR), or run `meshward policy replay` "
+                "where the candidate is"
+            )
         if not any(directory == root or directory.is_relative_to(root) for root in allowed):
             raise ReplayError(
                 f"{policies} is not under a directory this server may read policies from ("

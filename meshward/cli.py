@@ -92,10 +92,11 @@ def up(
     database_url: str | None,
     log_level: str | None,
 ) -> None:
-    """Run server and agent in one process (trust domain example.org unless set).
+    """Run server, agent and the audit API in one process (trust domain example.org unless set).
 
     Entries created without --parent-id belong to this agent; workloads reach it at
-    unix://<data-dir>/agent.sock (export it as SPIFFE_ENDPOINT_SOCKET).
+    unix://<data-dir>/agent.sock (export it as SPIFFE_ENDPOINT_SOCKET). The audit API
+    and page are on audit.listen (127.0.0.1:8090; "" turns them off).
     """
     config = config_from(
         config_path,

