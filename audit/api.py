@@ -259,8 +259,8 @@ def create_audit_app(
         bucket: Annotated[int, Query(ge=1, le=86400, description="seconds")] = 60,
     ) -> dict[str, Any]:
         scoped = filters.with_default_span(_now_us())
-        points = run("series", lambda conn: queries.series(conn, scoped, bucket_s=bucket))
-        return {"bucket_s": bucket, "points": points, "filters": scoped.as_params()}
+        found = run("series", lambda conn: queries.series(conn, scoped, bucket_s=bucket))
+        return {"bucket_s": bucket, "points": found.rows, **_covered(found, scoped)}
 
     @api.get("/aggregates/top", summary="The commonest values of one field, with counts")
     def top(
@@ -269,8 +269,8 @@ def create_audit_app(
         limit: Annotated[int, Query(ge=1, le=queries.MAX_PAGE)] = 10,
     ) -> dict[str, Any]:
         scoped = filters.with_default_span(_now_us())
-        rows = run("top", lambda conn: queries.top(conn, scoped, by=by, limit=limit))
-        return {"by": by, "rows": rows, "filters": scoped.as_params()}
+        found = run("top", lambda conn: queries.top(conn, scoped, by=by, limit=limit))
+        return {"by": by, "rows": found.rows, **_covered(found, scoped)}
 
     @api.get("/aggregates/edges", summary="Source → destination pairs with allow/deny counts")
     def edges(
@@ -278,8 +278,8 @@ def create_audit_app(
         limit: Annotated[int, Query(ge=1, le=queries.MAX_PAGE)] = 200,
     ) -> dict[str, Any]:
         scoped = filters.with_default_span(_now_us())
-        rows = run("edges", lambda conn: queries.edges(conn, scoped, limit=limit))
-        return {"edges": rows, "filters": scoped.as_params()}
+        found = run("edges", lambda conn: queries.edges(conn, scoped, limit=limit))
+        return {"edges": found.rows, **_covered(found, scoped)}
 
     @api.get(
         "/aggregates/dry-run",
@@ -320,6 +320,11 @@ def create_audit_app(
         return FileResponse(PAGE / "index.html", media_type="text/html")
 
     return app
+
+
+def _covered(found: queries.Aggregate, filters: Filters) -> dict[str, Any]:
+    """The filters asked, and the span the answer covers (rollups widen it)."""
+    return {"filters": filters.as_params(), "covers": found.as_dict()}
 
 
 def _limited(items: Iterator[dict[str, Any]], limit: int) -> Iterator[dict[str, Any]]:

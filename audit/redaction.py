@@ -19,8 +19,8 @@ import hashlib
 import os
 import re
 import secrets
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, unquote_plus
 
@@ -64,6 +64,14 @@ class Redaction:
     query_parameters: frozenset[str] = frozenset(DEFAULT_REDACTED_QUERY_PARAMETERS)
     store_body: bool = False
     max_body_bytes: int = 1024
+    # Whether a (lowercased) query may hold something to redact: one regex search says
+    # no for most queries before any parsing. An encoded name (with %) is always parsed.
+    _suspect: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        words = sorted(self.query_parameters, key=len, reverse=True)
+        pattern = "|".join(["%", "eyj", *(re.escape(w) for w in words)])
+        object.__setattr__(self, "_suspect", re.compile(pattern))
 
     @classmethod
     def build(
@@ -91,10 +99,21 @@ class Redaction:
         """True when the value of header ``name`` (lowercase) must not be stored."""
         return name in self.headers or _looks_like_jwt(value)
 
+    def secret_headers(self, headers: Mapping[str, str]) -> set[str]:
+        """The names (lowercase) among ``headers`` whose values must not be stored."""
+        secret = headers.keys() & self.headers
+        for name, value in headers.items():
+            # Inlined header_is_secret: this runs for every header of every request.
+            if "eyJ" in value and name not in secret and _JWT.search(value) is not None:
+                secret.add(name)
+        return secret
+
     def path(self, path: str) -> tuple[str, tuple[str, ...]]:
         """``path`` with secret query values replaced, and ``query:NAME`` for each one."""
         base, sep, query = path.partition("?")
         if not sep:
+            return path, ()
+        if self._suspect.search(query.lower()) is None:
             return path, ()
         query, hash_sep, fragment = query.partition("#")
         parts = []

@@ -218,8 +218,8 @@ class SpoolWriter:
     def append(self, kind: int, document: bytes, blob: bytes = b"") -> bool:
         """Append one entry of ``kind``; False when it was not written."""
         crc = zlib.crc32(blob, zlib.crc32(document, kind))
-        frame = FRAME.pack(len(document), len(blob), crc, kind) + document + blob
-        size = len(frame)
+        header = FRAME.pack(len(document), len(blob), crc, kind)
+        size = len(header) + len(document) + len(blob)
         if size > MAX_FRAME_BYTES or size > self._segment_bytes:
             log.error(
                 "audit: an entry of %d bytes exceeds audit.spool.segment_bytes; not kept", size
@@ -235,7 +235,7 @@ class SpoolWriter:
             if self._total + size > self._max_bytes and not self._room(size):
                 return False
             try:
-                _write_all(self._fd, frame)
+                _write_all(self._fd, (header, document, blob), size)
             except OSError as exc:
                 self._write_failed(exc)
                 return False
@@ -357,11 +357,14 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON")
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+def _write_all(fd: int, parts: tuple[bytes, ...], size: int) -> None:
+    # One writev(2): a frame is appended whole or (a kill mid-call, a full disk) cut
+    # short, never interleaved with another.
+    written = os.writev(fd, parts)
+    if written < size:
+        data = memoryview(b"".join(parts))[written:]
+        while data:
+            data = data[os.write(fd, data) :]
 
 
 def _fsync_dir(directory: Path) -> None:

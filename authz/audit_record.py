@@ -18,7 +18,8 @@ no body) costs a few attribute reads and one ``SerializeToString``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from envoy.service.auth.v3 import external_auth_pb2
 
@@ -88,59 +89,91 @@ def request_snapshot(
     """The redacted request in binary form, and what was redacted (``header:NAME``,
     ``query:NAME``, ``body``, ``body:truncated``).
 
-    ``headers`` are the request view's (lowercase names), when it could be built.
+    ``headers`` are the request view's (lowercase names), when it could be built. The
+    redactions are made on ``request`` itself, serialized and undone (a copy of the
+    message cost more than the rest of the audit hand-off): ``request`` is as it was
+    when this returns, but no other thread may read it meanwhile.
     """
     http = request.attributes.request.http
+    raw = http.HasField("header_map")  # Envoy's encode_raw_headers: names and bytes
     if headers is None:
         headers = {k.lower(): v for k, v in http.headers.items()}
-        headers.update({h.key.lower(): h.value for h in http.header_map.headers})
-    secret = {name for name, value in headers.items() if redaction.header_is_secret(name, value)}
-    raw_secret = {
-        h.key.lower()
-        for h in http.header_map.headers
-        if h.raw_value and redaction.header_is_secret(h.key.lower(), _text(h.raw_value))
-    }
-    secret |= raw_secret
+        if raw:
+            headers.update({h.key.lower(): h.value for h in http.header_map.headers})
+    secret = redaction.secret_headers(headers)
+    if raw:
+        secret |= {
+            h.key.lower()
+            for h in http.header_map.headers
+            if h.raw_value and redaction.header_is_secret(h.key.lower(), _text(h.raw_value))
+        }
     path, query_marks = redaction.path(http.path) if "?" in http.path else (http.path, ())
     query, query_only_marks = redaction.path("?" + http.query) if http.query else ("", ())
     if not secret and not query_marks and not query_only_marks and not (http.body or http.raw_body):
         return request.SerializeToString(), ()
-    copy = external_auth_pb2.CheckRequest()
-    copy.CopyFrom(request)
-    out = copy.attributes.request.http
+    undo: list[Callable[[], None]] = []
     redacted = [f"header:{name}" for name in sorted(secret)]
-    for key in list(out.headers.keys()):
-        if key.lower() in secret:
-            out.headers[key] = redaction.mark(out.headers[key])
-        elif key == ":path" and query_marks:
-            out.headers[key] = redaction.path(out.headers[key])[0]
-    for entry in out.header_map.headers:
-        name = entry.key.lower()
-        if name in secret:
-            value = entry.value or _text(entry.raw_value)
-            entry.value, entry.raw_value = "", redaction.mark(value).encode()
-        elif name == ":path" and query_marks:
-            value = entry.value or _text(entry.raw_value)
-            entry.value, entry.raw_value = "", redaction.path(value)[0].encode()
-    if query_marks:
-        out.path = path
-    if query_only_marks:
-        out.query = query.removeprefix("?")
-    redacted += dict.fromkeys((*query_marks, *query_only_marks))
-    body = out.raw_body or out.body.encode("utf-8", "surrogateescape")
-    if body:
-        kept = redaction.body(body)
-        if kept is None:
-            out.ClearField("body")
-            out.ClearField("raw_body")
-            redacted.append("body")
-        elif len(kept) < len(body):
-            if out.raw_body:
-                out.raw_body = kept
-            else:
-                out.body = kept.decode("utf-8", "ignore")
-            redacted.append("body:truncated")
-    return copy.SerializeToString(), tuple(redacted)
+    try:
+        map_headers = http.headers
+        # Envoy sends lowercase names; any other spelling is found by a scan.
+        found = {name for name in secret if name in map_headers}
+        keys = found if found == secret else [k for k in map_headers if k.lower() in secret]
+        for key in keys:
+            _set_header(map_headers, key, redaction.mark(map_headers[key]), undo)
+        if query_marks and ":path" in map_headers:
+            _set_header(map_headers, ":path", redaction.path(map_headers[":path"])[0], undo)
+        for entry in http.header_map.headers if raw else ():
+            name = entry.key.lower()
+            if name in secret:
+                _set_entry(entry, redaction.mark(entry.value or _text(entry.raw_value)), undo)
+            elif name == ":path" and query_marks:
+                value = redaction.path(entry.value or _text(entry.raw_value))[0]
+                _set_entry(entry, value, undo)
+        if query_marks:
+            _set_field(http, "path", path, undo)
+        if query_only_marks:
+            _set_field(http, "query", query.removeprefix("?"), undo)
+        redacted += dict.fromkeys((*query_marks, *query_only_marks))
+        body = http.raw_body or http.body.encode("utf-8", "surrogateescape")
+        if body:
+            kept = redaction.body(body)
+            if kept is None:
+                _set_field(http, "body", "", undo)
+                _set_field(http, "raw_body", b"", undo)
+                redacted.append("body")
+            elif len(kept) < len(body):
+                if http.raw_body:
+                    _set_field(http, "raw_body", kept, undo)
+                else:
+                    _set_field(http, "body", kept.decode("utf-8", "ignore"), undo)
+                redacted.append("body:truncated")
+        return request.SerializeToString(), tuple(redacted)
+    finally:
+        for step in reversed(undo):
+            step()
+
+
+def _set_header(headers: Any, key: str, value: str, undo: list[Callable[[], None]]) -> None:
+    old = headers[key]
+    headers[key] = value
+    undo.append(lambda: headers.__setitem__(key, old))
+
+
+def _set_entry(entry: Any, value: str, undo: list[Callable[[], None]]) -> None:
+    old = entry.value, entry.raw_value
+    # A raw_value is what Envoy sends with encode_raw_headers; the mark is always text.
+    entry.value, entry.raw_value = "", value.encode()
+
+    def restore() -> None:
+        entry.value, entry.raw_value = old
+
+    undo.append(restore)
+
+
+def _set_field(message: Any, name: str, value: Any, undo: list[Callable[[], None]]) -> None:
+    old = getattr(message, name)
+    setattr(message, name, value)
+    undo.append(lambda: setattr(message, name, old))
 
 
 def _text(raw: bytes) -> str:

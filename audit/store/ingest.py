@@ -3,7 +3,9 @@
 The batch's rows, its policy sets and the spool's new position are committed
 together: after a crash on either side the shipper resumes exactly where the store
 says it stopped. Inserts also ignore a ``decision_id`` already stored (at its time),
-so a spool shipped twice, or copied, still stores each decision once.
+so a spool shipped twice, or copied, still stores each decision once. The rollups
+(``decision_minutes``, ``decision_hours``) count the rows the same transaction
+inserted, and only those, so they always agree with ``decisions``.
 """
 
 from __future__ import annotations
@@ -25,22 +27,35 @@ from sqlalchemy.exc import SQLAlchemyError
 from audit.errors import StoreError
 from audit.spool import KIND_DECISION, KIND_POLICY_SET, Entry, Position
 from audit.store.database import AuditDatabase, describe
-from audit.store.models import DecisionRow, DryRunFlipRow, PolicySetRow, SpoolPositionRow
+from audit.store.models import (
+    ROLLUP_DIMENSIONS,
+    DecisionHourRow,
+    DecisionMinuteRow,
+    DecisionRow,
+    DryRunFlipRow,
+    PolicySetRow,
+    SpoolPositionRow,
+)
 
 __all__ = [
     "COLUMNS",
     "DAY_US",
+    "HOUR_US",
+    "MINUTE_US",
     "Batch",
     "StoreWriter",
     "decode_entries",
     "detail_fields",
     "partition_name",
+    "rollups",
     "store_errors",
 ]
 
 log = logging.getLogger(__name__)
 
 DAY_US = 86_400_000_000
+HOUR_US = 3_600_000_000
+MINUTE_US = 60_000_000
 # Record fields stored as columns of the same name; time_us is the column ts.
 COLUMNS = (
     "decision_id",
@@ -165,7 +180,6 @@ class StoreWriter:
         self._partitioned = db.dialect == "postgresql"
         self._partitions: set[int] = set()
         dialect = postgresql if self._partitioned else sqlite
-        self._insert_decisions = dialect.insert(DecisionRow.__table__).on_conflict_do_nothing()
         self._insert_flips = dialect.insert(DryRunFlipRow.__table__).on_conflict_do_nothing()
         self._insert_sets = dialect.insert(PolicySetRow.__table__).on_conflict_do_nothing()
         position = dialect.insert(SpoolPositionRow.__table__)
@@ -198,7 +212,16 @@ class StoreWriter:
             self._ensure_partitions(batch.days)
         with self._errors("storing decisions"), self.db.engine.begin() as conn:
             if batch.decisions:
-                conn.execute(self._insert_decisions, batch.decisions)
+                # What is stored already (a spool shipped again) is neither inserted nor
+                # counted. One shipper per spool holds a lock, and decision ids are unique
+                # across spools: nothing else can insert these ids meanwhile.
+                stored = _stored_ids(conn, [r["decision_id"] for r in batch.decisions])
+                new = [r for r in batch.decisions if r["decision_id"] not in stored]
+                if new:
+                    self._insert(conn, new)
+                minutes, hours = rollups(new)
+                _add_counts(conn, DecisionMinuteRow.__table__, minutes)
+                _add_counts(conn, DecisionHourRow.__table__, hours)
             if batch.flips:
                 conn.execute(self._insert_flips, batch.flips)
             if batch.policy_sets:
@@ -213,6 +236,20 @@ class StoreWriter:
                     "updated_us": time.time_ns() // 1000,
                 },
             )
+
+    def _insert(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        """The rows, through the driver: SQLAlchemy's per-row parameter handling cost more
+        than SQLite's insert itself; PostgreSQL takes them with COPY (there can be no
+        conflict: stored ids were left out)."""
+        values = [tuple(row[c] for c in _DECISION_COLUMNS) for row in rows]
+        if self._partitioned:
+            raw = conn.connection.driver_connection
+            assert raw is not None
+            with raw.cursor() as cursor, cursor.copy(_COPY_DECISIONS) as copy:
+                for value in values:
+                    copy.write_row(value)
+        else:
+            conn.exec_driver_sql(_INSERT_DECISIONS, values)
 
     def _ensure_partitions(self, days: set[int]) -> None:
         today = time.time_ns() // 1000 // DAY_US
@@ -231,6 +268,70 @@ class StoreWriter:
 
     def _errors(self, what: str) -> AbstractContextManager[None]:
         return store_errors(self.db, what)
+
+
+def _stored_ids(conn: Connection, ids: list[str]) -> set[str]:
+    if conn.dialect.name == "postgresql":
+        query = "SELECT decision_id FROM decisions WHERE decision_id = ANY(%s)"
+        return set(conn.exec_driver_sql(query, (ids,)).scalars())
+    found: set[str] = set()
+    for start in range(0, len(ids), 900):  # under SQLite's bound-parameter limit
+        chunk = ids[start : start + 900]
+        marks = ", ".join("?" * len(chunk))
+        query = f"SELECT decision_id FROM decisions WHERE decision_id IN ({marks})"  # noqa: S608
+        found.update(conn.exec_driver_sql(query, tuple(chunk)).scalars())
+    return found
+
+
+# The statements below are built from this module's constants and table definitions,
+# never from input (hence the noqa: S608).
+_DECISION_COLUMNS = tuple(c.name for c in DecisionRow.__table__.columns)
+_INSERT_DECISIONS = (
+    f"INSERT INTO decisions ({', '.join(_DECISION_COLUMNS)}) "  # noqa: S608
+    f"VALUES ({', '.join('?' for _ in _DECISION_COLUMNS)}) ON CONFLICT DO NOTHING"
+)
+_COPY_DECISIONS = f"COPY decisions ({', '.join(_DECISION_COLUMNS)}) FROM STDIN"
+_COUNTS_PER_STATEMENT = 500
+
+
+def _add_counts(conn: Connection, table: Any, rows: list[dict[str, Any]]) -> None:
+    """Add each row's ``count`` to the stored row of its key (or store it): one statement
+    per 500 rows, not one per row."""
+    if not rows:
+        return
+    columns = [c.name for c in table.columns]
+    key = ", ".join(c.name for c in table.primary_key.columns)
+    mark = "%s" if conn.dialect.name == "postgresql" else "?"
+    one = f"({', '.join(mark for _ in columns)})"
+    for start in range(0, len(rows), _COUNTS_PER_STATEMENT):
+        chunk = rows[start : start + _COUNTS_PER_STATEMENT]
+        sql = (
+            f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES "  # noqa: S608
+            + ", ".join(one for _ in chunk)
+            + f" ON CONFLICT ({key}) DO UPDATE SET count = {table.name}.count + excluded.count"
+        )
+        conn.exec_driver_sql(sql, tuple(row[c] for row in chunk for c in columns))
+
+
+def rollups(rows: Iterable[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows' counts per minute and outcome, and per hour by ROLLUP_DIMENSIONS, each in
+    key order (concurrent shippers lock rollup rows in the same order: no deadlock)."""
+    minutes: dict[tuple[int, bool], int] = {}
+    hours: dict[tuple[Any, ...], int] = {}
+    for row in rows:
+        ts, allowed = row["ts"], bool(row["allowed"])
+        minute = (ts // MINUTE_US * MINUTE_US, allowed)
+        minutes[minute] = minutes.get(minute, 0) + 1
+        key = (ts // HOUR_US * HOUR_US, allowed, *(row[d] or "" for d in ROLLUP_DIMENSIONS))
+        hours[key] = hours.get(key, 0) + 1
+    hour_columns = ("hour_us", "allowed", *ROLLUP_DIMENSIONS)
+    return (
+        [{"minute_us": m, "allowed": a, "count": n} for (m, a), n in sorted(minutes.items())],
+        [
+            {**dict(zip(hour_columns, key, strict=True)), "count": n}
+            for key, n in sorted(hours.items())
+        ],
+    )
 
 
 def create_partition(conn: Connection, table: str, day: int) -> None:

@@ -14,7 +14,16 @@ from __future__ import annotations
 from sqlalchemy import BigInteger, Boolean, Index, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["AuditBase", "DecisionRow", "DryRunFlipRow", "PolicySetRow", "SpoolPositionRow"]
+__all__ = [
+    "ROLLUP_DIMENSIONS",
+    "AuditBase",
+    "DecisionHourRow",
+    "DecisionMinuteRow",
+    "DecisionRow",
+    "DryRunFlipRow",
+    "PolicySetRow",
+    "SpoolPositionRow",
+]
 
 PARTITIONED = {"postgresql_partition_by": "RANGE (ts)"}
 
@@ -79,6 +88,48 @@ class DryRunFlipRow(AuditBase):
     to: Mapped[str] = mapped_column(String(8))  # deny | allow
 
     __table_args__ = (Index("ix_dry_run_flips_policy_ts", "policy", "ts"), PARTITIONED)
+
+
+class DecisionMinuteRow(AuditBase):
+    """Decisions per minute and outcome: the series of the dashboard without a scan."""
+
+    __tablename__ = "decision_minutes"
+    minute_us: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    allowed: Mapped[bool] = mapped_column(Boolean, primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
+
+
+# The columns of decisions that decision_hours counts by ("" stands for NULL: a primary
+# key column cannot be NULL on PostgreSQL).
+ROLLUP_DIMENSIONS = (
+    "engine",
+    "reason",
+    "policy",
+    "policy_id",
+    "source_principal",
+    "source_namespace",
+    "destination_namespace",
+    "destination_workload",
+)
+
+
+class DecisionHourRow(AuditBase):
+    """Decisions per hour by outcome, engine, reason, policy, rule, source and
+    destination: top-N tables and edges over long spans without a scan. A mesh has far
+    fewer such combinations in an hour than decisions."""
+
+    __tablename__ = "decision_hours"
+    hour_us: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    allowed: Mapped[bool] = mapped_column(Boolean, primary_key=True)
+    engine: Mapped[str] = mapped_column(String(16), primary_key=True)
+    reason: Mapped[str] = mapped_column(String(64), primary_key=True)
+    policy: Mapped[str] = mapped_column(String(512), primary_key=True)
+    policy_id: Mapped[str] = mapped_column(String(600), primary_key=True)
+    source_principal: Mapped[str] = mapped_column(String(2048), primary_key=True)
+    source_namespace: Mapped[str] = mapped_column(String(253), primary_key=True)
+    destination_namespace: Mapped[str] = mapped_column(String(253), primary_key=True)
+    destination_workload: Mapped[str] = mapped_column(String(253), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
 
 
 class PolicySetRow(AuditBase):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -30,13 +31,20 @@ from sqlalchemy import (
 
 from audit.errors import QueryError
 from audit.record import DecisionRecord
-from audit.store.ingest import COLUMNS, policy_set_files
-from audit.store.models import DecisionRow, DryRunFlipRow, PolicySetRow
+from audit.store.ingest import COLUMNS, HOUR_US, MINUTE_US, policy_set_files
+from audit.store.models import (
+    DecisionHourRow,
+    DecisionMinuteRow,
+    DecisionRow,
+    DryRunFlipRow,
+    PolicySetRow,
+)
 from audit.timespec import format_time, parse_time
 
 __all__ = [
     "FILTERS",
     "GROUPS",
+    "Aggregate",
     "Filters",
     "Page",
     "StoredPolicySet",
@@ -346,79 +354,257 @@ def policy_set(conn: Connection, version: str | None = None) -> StoredPolicySet 
 
 
 # -- aggregates ------------------------------------------------------------------------
+#
+# Aggregates read the rollups when they can answer exactly: the per-minute series from
+# decision_minutes (filters on the outcome only), top-N and edges over 6 hours or more
+# from decision_hours (filters and groups on its dimensions only). The span is then
+# widened to whole minutes or hours, and the answer says which span it covers and where
+# it came from. Anything else scans decisions through its indexes.
 
 _DENIED = func.sum(case((D.allowed == true(), 0), else_=1))
 _ALLOWED = func.sum(case((D.allowed == true(), 1), else_=0))
+H = DecisionHourRow.__table__.c
+M = DecisionMinuteRow.__table__.c
+HOURS_FROM = 6 * HOUR_US  # shorter spans scan decisions: few rows, and exact to the µs
+# The filters decision_hours can apply, and the groups it has, as its columns.
+_HOUR_FILTERS = {
+    "allowed",
+    "engine",
+    "reason",
+    "policy",
+    "rule",
+    "principal",
+    "principal_prefix",
+    "source_namespace",
+    "namespace",
+    "workload",
+}
+_HOUR_GROUPS: dict[str, Any] = {
+    "principal": H.source_principal,
+    "source_namespace": H.source_namespace,
+    "policy": H.policy,
+    "rule": H.policy_id,
+    "reason": H.reason,
+    "engine": H.engine,
+    "namespace": H.destination_namespace,
+    "workload": H.destination_workload,
+}
 
 
-def series(conn: Connection, filters: Filters, *, bucket_s: int = 60) -> list[dict[str, int]]:
-    """Decisions and denials per ``bucket_s`` seconds: ``{time_us, allowed, denied}``."""
+@dataclass(slots=True, frozen=True)
+class Aggregate:
+    """An aggregate's rows, the span they cover (µs; None: open) and the table read."""
+
+    rows: list[dict[str, Any]]
+    since_us: int | None
+    until_us: int | None
+    source: str  # decisions, decision_minutes or decision_hours
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "since": format_time(self.since_us) if self.since_us is not None else None,
+            "until": format_time(self.until_us) if self.until_us is not None else None,
+            "source": self.source,
+        }
+
+
+def _used(filters: Filters) -> set[str]:
+    """The filters set, time aside."""
+    return {
+        f.name
+        for f in fields(filters)
+        if f.name not in ("since_us", "until_us") and getattr(filters, f.name) not in (None, False)
+    }
+
+
+def _widened(filters: Filters, unit: int) -> tuple[int | None, int | None]:
+    since = None if filters.since_us is None else filters.since_us // unit * unit
+    until = None if filters.until_us is None else -(-filters.until_us // unit) * unit
+    return since, until
+
+
+def _hours_answer(filters: Filters, now_us: int) -> bool:
+    used = _used(filters)
+    if used - _HOUR_FILTERS or ("rule" in used and filters.policy is None):
+        return False
+    if filters.since_us is None:
+        return True
+    until = filters.until_us if filters.until_us is not None else now_us
+    return until - filters.since_us >= HOURS_FROM
+
+
+def _hour_where(filters: Filters, since: int | None, until: int | None) -> list[Any]:
+    out: list[Any] = []
+    if since is not None:
+        out.append(H.hour_us >= since)
+    if until is not None:
+        out.append(H.hour_us < until)
+    if filters.allowed is not None:
+        out.append(H.allowed == filters.allowed)
+    for value, column in (
+        (filters.engine, H.engine),
+        (filters.reason, H.reason),
+        (filters.policy, H.policy),
+        (filters.principal, H.source_principal),
+        (filters.source_namespace, H.source_namespace),
+        (filters.namespace, H.destination_namespace),
+        (filters.workload, H.destination_workload),
+    ):
+        if value is not None:
+            out.append(column == value)
+    if filters.rule is not None:
+        out.append(H.policy_id == f"{filters.policy}[rules[{filters.rule}]]")
+    if filters.principal_prefix is not None:
+        prefix = filters.principal_prefix
+        out.append(func.substr(H.source_principal, 1, len(prefix)) == prefix)
+    return out
+
+
+def series(
+    conn: Connection, filters: Filters, *, bucket_s: int = 60, rollups: bool = True
+) -> Aggregate:
+    """Decisions and denials per ``bucket_s`` seconds: rows ``{time_us, allowed, denied}``."""
     if not 1 <= bucket_s <= 86400:
         raise QueryError("bucket must be 1 to 86400 seconds", field="bucket")
     width = bucket_s * 1_000_000
-    bucket = (D.ts // literal(width)) * literal(width)
-    query = (
-        select(bucket.label("bucket"), _ALLOWED.label("allowed"), _DENIED.label("denied"))
-        .where(*filters.where())
-        .group_by(bucket)
-        .order_by(bucket)
-    )
-    return [
+    if rollups and bucket_s % 60 == 0 and _used(filters) <= {"allowed"}:
+        since, until = _widened(filters, MINUTE_US)
+        bucket = (M.minute_us // literal(width)) * literal(width)
+        where = [] if since is None else [M.minute_us >= since]
+        if until is not None:
+            where.append(M.minute_us < until)
+        if filters.allowed is not None:
+            where.append(M.allowed == filters.allowed)
+        allowed = func.sum(case((M.allowed == true(), M.count), else_=0))
+        denied = func.sum(case((M.allowed == true(), 0), else_=M.count))
+        query = select(bucket.label("bucket"), allowed.label("allowed"), denied.label("denied"))
+        query = query.where(*where).group_by(bucket).order_by(bucket)
+        source = "decision_minutes"
+    else:
+        since, until = filters.since_us, filters.until_us
+        bucket = (D.ts // literal(width)) * literal(width)
+        query = (
+            select(bucket.label("bucket"), _ALLOWED.label("allowed"), _DENIED.label("denied"))
+            .where(*filters.where())
+            .group_by(bucket)
+            .order_by(bucket)
+        )
+        source = "decisions"
+    rows = [
         {"time_us": int(r.bucket), "allowed": int(r.allowed), "denied": int(r.denied)}
         for r in conn.execute(query)
     ]
+    return Aggregate(rows, since, until, source)
 
 
-def top(conn: Connection, filters: Filters, *, by: str, limit: int = 10) -> list[dict[str, Any]]:
+def top(
+    conn: Connection,
+    filters: Filters,
+    *,
+    by: str,
+    limit: int = 10,
+    now_us: int | None = None,
+    rollups: bool = True,
+) -> Aggregate:
     """The ``limit`` commonest values of ``by`` with their counts, most first."""
     column = GROUPS.get(by)
     if column is None:
         raise QueryError(f"by={by!r}: group by one of {', '.join(GROUPS)}", field="by")
     if not 1 <= limit <= MAX_PAGE:
         raise QueryError(f"limit must be 1 to {MAX_PAGE}", field="limit")
-    count = func.count().label("count")
-    query = (
-        select(column.label("value"), count, _ALLOWED.label("allowed"), _DENIED.label("denied"))
-        .where(*filters.where(), column.is_not(None))
-        .group_by(column)
-        .order_by(count.desc(), column)
-        .limit(limit)
-    )
-    return [
-        {"value": r.value, "count": r.count, "allowed": int(r.allowed), "denied": int(r.denied)}
-        for r in conn.execute(query)
-    ]
-
-
-def edges(conn: Connection, filters: Filters, *, limit: int = 200) -> list[dict[str, Any]]:
-    """Source principal → destination workload pairs with their allow/deny counts."""
-    source = func.coalesce(D.source_principal, literal("(no principal)"))
-    count = func.count().label("count")
-    query = (
-        select(
-            source.label("source"),
-            D.destination_namespace.label("namespace"),
-            D.destination_workload.label("workload"),
-            count,
-            _ALLOWED.label("allowed"),
-            _DENIED.label("denied"),
+    now = now_us if now_us is not None else time.time_ns() // 1000
+    if rollups and by in _HOUR_GROUPS and _hours_answer(filters, now):
+        since, until = _widened(filters, HOUR_US)
+        group = _HOUR_GROUPS[by]
+        total = func.sum(H.count).label("n")
+        query = (
+            select(
+                group.label("value"),
+                total,
+                func.sum(case((H.allowed == true(), H.count), else_=0)).label("allowed"),
+                func.sum(case((H.allowed == true(), 0), else_=H.count)).label("denied"),
+            )
+            .where(*_hour_where(filters, since, until), group != "")
+            .group_by(group)
+            .order_by(total.desc(), group)
+            .limit(limit)
         )
-        .where(*filters.where())
-        .group_by(source, D.destination_namespace, D.destination_workload)
-        .order_by(count.desc())
-        .limit(limit)
-    )
-    return [
+        source = "decision_hours"
+    else:
+        since, until = filters.since_us, filters.until_us
+        count = func.count().label("n")
+        query = (
+            select(column.label("value"), count, _ALLOWED.label("allowed"), _DENIED.label("denied"))
+            .where(*filters.where(), column.is_not(None))
+            .group_by(column)
+            .order_by(count.desc(), column)
+            .limit(limit)
+        )
+        source = "decisions"
+    rows = [
         {
-            "source": r.source,
-            "namespace": r.namespace,
-            "workload": r.workload,
-            "count": r.count,
+            "value": r.value,
+            "count": int(r.n),
             "allowed": int(r.allowed),
             "denied": int(r.denied),
         }
         for r in conn.execute(query)
     ]
+    return Aggregate(rows, since, until, source)
+
+
+def edges(
+    conn: Connection,
+    filters: Filters,
+    *,
+    limit: int = 200,
+    now_us: int | None = None,
+    rollups: bool = True,
+) -> Aggregate:
+    """Source principal → destination workload pairs with their allow/deny counts."""
+    now = now_us if now_us is not None else time.time_ns() // 1000
+    if rollups and _hours_answer(filters, now):
+        since, until = _widened(filters, HOUR_US)
+        total = func.sum(H.count).label("n")
+        keys = (H.source_principal, H.destination_namespace, H.destination_workload)
+        query = (
+            select(
+                *keys,
+                total,
+                func.sum(case((H.allowed == true(), H.count), else_=0)).label("allowed"),
+                func.sum(case((H.allowed == true(), 0), else_=H.count)).label("denied"),
+            )
+            .where(*_hour_where(filters, since, until))
+            .group_by(*keys)
+            .order_by(total.desc(), *keys)
+            .limit(limit)
+        )
+        source = "decision_hours"
+    else:
+        since, until = filters.since_us, filters.until_us
+        count = func.count().label("n")
+        keys = (D.source_principal, D.destination_namespace, D.destination_workload)
+        # Ordered as the rollup orders its "" for NULL: the same edges make the cut.
+        query = (
+            select(*keys, count, _ALLOWED.label("allowed"), _DENIED.label("denied"))
+            .where(*filters.where())
+            .group_by(*keys)
+            .order_by(count.desc(), *(func.coalesce(k, "") for k in keys))
+            .limit(limit)
+        )
+        source = "decisions"
+    rows = [
+        {
+            "source": r.source_principal or "(no principal)",
+            "namespace": r.destination_namespace or None,
+            "workload": r.destination_workload or None,
+            "count": int(r.n),
+            "allowed": int(r.allowed),
+            "denied": int(r.denied),
+        }
+        for r in conn.execute(query)
+    ]
+    return Aggregate(rows, since, until, source)
 
 
 def dry_run_policies(

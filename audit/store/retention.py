@@ -1,11 +1,13 @@
 """Retention: decisions older than ``max_age``, and beyond the newest ``max_rows``, go.
 
 On SQLite rows are deleted in chunks (short transactions, so the shipper and the
-query API are never held up for long). On PostgreSQL whole daily partitions are
-dropped instead of deleting rows: dropping is instant and leaves no dead tuples to
-vacuum, at the price of a day's granularity (a partition goes once all of it is older
-than ``max_age``; by count, the oldest partitions go while the newer ones alone hold
-at least ``max_rows``). Today's partition is never dropped.
+query API are never held up for long), up to a whole hour: the cutoff is rounded down
+to the hour, so that the hourly rollups lose exactly the hours the decisions lose (a
+few more rows than ``max_rows`` may stay, at most an hour's). On PostgreSQL whole
+daily partitions are dropped instead of deleting rows: dropping is instant and leaves
+no dead tuples to vacuum, at the price of a day's granularity (a partition goes once
+all of it is older than ``max_age``; by count, the oldest partitions go while the
+newer ones alone hold at least ``max_rows``). Today's partition is never dropped.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from datetime import UTC, datetime
 from sqlalchemy import Connection, text
 
 from audit.store.database import AuditDatabase
-from audit.store.ingest import DAY_US, partition_name, store_errors
+from audit.store.ingest import DAY_US, HOUR_US, partition_name, store_errors
 
 __all__ = ["Retention", "RetentionResult", "enforce_retention"]
 
@@ -63,7 +65,10 @@ def _delete_rows(db: AuditDatabase, retention: Retention, now_us: int) -> Retent
             cutoff = max(cutoff or 0, int(boundary))
     if cutoff is None:
         return RetentionResult()
+    cutoff = cutoff // HOUR_US * HOUR_US
     deleted = 0
+    with db.engine.begin() as conn:
+        _drop_rollups(conn, cutoff)
     for table in ("dry_run_flips", "decisions"):
         while True:
             with db.engine.begin() as conn:
@@ -119,9 +124,17 @@ def _drop_partitions(db: AuditDatabase, retention: Retention, now_us: int) -> Re
             for table in ("dry_run_flips", "decisions"):
                 conn.execute(text(f'DROP TABLE IF EXISTS "{partition_name(table, day)}"'))
             dropped.append(partition_name("decisions", day))
+        if doomed:
+            # Partitions go oldest first: the rollups go up to the end of the newest dropped.
+            _drop_rollups(conn, (max(doomed) + 1) * DAY_US)
     if dropped:
         log.info("audit: retention dropped partitions %s", ", ".join(dropped))
     return RetentionResult(dropped_partitions=tuple(dropped))
+
+
+def _drop_rollups(conn: Connection, before_us: int) -> None:
+    conn.execute(text("DELETE FROM decision_minutes WHERE minute_us < :t"), {"t": before_us})
+    conn.execute(text("DELETE FROM decision_hours WHERE hour_us < :t"), {"t": before_us})
 
 
 def _partition_days(conn: Connection) -> list[int]:

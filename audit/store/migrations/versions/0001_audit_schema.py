@@ -71,6 +71,30 @@ def upgrade() -> None:
     postgresql_partition_by='RANGE (ts)',
     )
     op.create_index('ix_dry_run_flips_policy_ts', 'dry_run_flips', ['policy', 'ts'])
+    op.create_table('decision_minutes',
+    sa.Column('minute_us', sa.BigInteger(), nullable=False),
+    sa.Column('allowed', sa.Boolean(), nullable=False),
+    sa.Column('count', sa.BigInteger(), nullable=False),
+    sa.PrimaryKeyConstraint('minute_us', 'allowed'),
+    )
+    op.create_table('decision_hours',
+    sa.Column('hour_us', sa.BigInteger(), nullable=False),
+    sa.Column('allowed', sa.Boolean(), nullable=False),
+    sa.Column('engine', sa.String(length=16), nullable=False),
+    sa.Column('reason', sa.String(length=64), nullable=False),
+    sa.Column('policy', sa.String(length=512), nullable=False),
+    sa.Column('policy_id', sa.String(length=600), nullable=False),
+    sa.Column('source_principal', sa.String(length=2048), nullable=False),
+    sa.Column('source_namespace', sa.String(length=253), nullable=False),
+    sa.Column('destination_namespace', sa.String(length=253), nullable=False),
+    sa.Column('destination_workload', sa.String(length=253), nullable=False),
+    sa.Column('count', sa.BigInteger(), nullable=False),
+    sa.PrimaryKeyConstraint(
+        'hour_us', 'allowed', 'engine', 'reason', 'policy', 'policy_id',
+        'source_principal', 'source_namespace', 'destination_namespace',
+        'destination_workload',
+    ),
+    )
     op.create_table('policy_sets',
     sa.Column('version', sa.String(length=64), nullable=False),
     sa.Column('first_served_us', sa.BigInteger(), nullable=False),
@@ -92,6 +116,8 @@ def downgrade() -> None:
     """Downgrade schema."""
     op.drop_table('spool_positions')
     op.drop_table('policy_sets')
+    op.drop_table('decision_hours')
+    op.drop_table('decision_minutes')
     op.drop_index('ix_dry_run_flips_policy_ts', table_name='dry_run_flips')
     op.drop_table('dry_run_flips')
     for name in (
