@@ -124,8 +124,8 @@ class Redaction:
             if value and (plain_name in self.query_parameters or _looks_like_jwt(plain_value)):
                 part = f"{name}={quote(self.mark(plain_value))}"
                 redacted.append(f"query:{plain_name}")
-            elif not eq and _looks_like_jwt(plain_name):
-                part = quote(self.mark(plain_name))  # a bare ?<token>
+            elif not eq and _looks_like_jwt(unquote_plus(name)):
+                part = quote(self.mark(unquote_plus(name)))  # a bare ?<token>
                 redacted.append("query:")
             parts.append(part)
         if not redacted:

@@ -162,7 +162,15 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             registry=registry,
             buckets=_SECONDS_BUCKETS,
         )
+        self.policy_decisions = Counter(
+            "meshward_authz_policy_decisions",
+            "ext_authz decisions by the policy that decided (ns.name, a Rego decision path, "
+            "or none), the engine and the result",
+            ["policy", "engine", "result"],
+            registry=registry,
+        )
         self._counts: dict[tuple[bool, str], Any] = {}
+        self._by_policy: dict[tuple[str | None, str, bool], Any] = {}
         self._seconds: dict[str, Any] = {}
 
     async def Check(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -314,7 +322,9 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
     def _finish(self, trace: _Trace, verdict: _Verdict) -> _Verdict:
         """Record the decision and count it; the verdict to answer (see audit_required)."""
         record, snapshot = self._record(trace, verdict)
+        policy = record.policy
         if not self._sink.submit(record, snapshot) and self._audit_required and verdict.allowed:
+            policy = None
             verdict = _Verdict(
                 False,
                 AUDIT_UNAVAILABLE,
@@ -322,6 +332,13 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
                 error="the audit spool is full (audit.on_full: deny)",
             )
         self._count(verdict.allowed, verdict.reason).inc()
+        key = (policy, verdict.engine, verdict.allowed)
+        by_policy = self._by_policy.get(key)
+        if by_policy is None:
+            by_policy = self._by_policy[key] = self.policy_decisions.labels(
+                key[0] or "none", key[1], "allow" if key[2] else "deny"
+            )
+        by_policy.inc()
         seconds = self._seconds.get(verdict.engine)
         if seconds is None:
             seconds = self._seconds[verdict.engine] = self.decision_seconds.labels(verdict.engine)
