@@ -14,12 +14,20 @@ what it cannot re-evaluate (see :mod:`audit.redaction`).
 
 from __future__ import annotations
 
+import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["FLIP_TO_ALLOW", "FLIP_TO_DENY", "DecisionRecord", "split_policy_id"]
+__all__ = [
+    "FLIP_TO_ALLOW",
+    "FLIP_TO_DENY",
+    "DecisionRecord",
+    "new_decision_id",
+    "split_policy_id",
+]
 
 FLIP_TO_DENY = "deny"
 FLIP_TO_ALLOW = "allow"
@@ -105,6 +113,16 @@ class DecisionRecord:
 
 _FIELDS = tuple(f.name for f in fields(DecisionRecord))
 _TUPLES = ("audit_policy_ids", "dry_run_flips", "redacted")
+
+
+def new_decision_id() -> str:
+    """32 hex digits laid out as a UUIDv7: the time in ms, then 80 random bits.
+
+    Time-ordered on purpose: the store's index on decision_id then grows at its end,
+    as a time index does, instead of every insert landing on a random page (which on
+    a large store is a page written, and often one read, per decision).
+    """
+    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
 
 
 def split_policy_id(policy_id: str | None) -> tuple[str | None, int | None]:

@@ -86,7 +86,7 @@ class Shipper:
         retention_interval: float = 300.0,
         batch_records: int = 5000,
         batch_bytes: int = 8 * 1024 * 1024,
-        poll_interval: float = 0.05,
+        poll_interval: float = 0.5,
         status_interval: float = 1.0,
         clock: Callable[[], int] = lambda: time.time_ns() // 1000,
     ) -> None:

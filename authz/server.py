@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +46,7 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from audit.record import DecisionRecord, split_policy_id
+from audit.record import DecisionRecord, new_decision_id, split_policy_id
 from audit.redaction import Redaction
 from audit.sink import AuditSink
 from authz import rego_provider
@@ -178,7 +177,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
 
     def decide(self, request: external_auth_pb2.CheckRequest) -> Any:
         """The whole decision, synchronous and without I/O (the audit sink only queues)."""
-        trace = _Trace(decision_id=uuid.uuid4().hex, started=time.perf_counter(), request=request)
+        trace = _Trace(decision_id=new_decision_id(), started=time.perf_counter(), request=request)
         served = self._store.current
         try:
             trace.view = build_view(request)

@@ -77,6 +77,7 @@ class AuditDatabase:
         cur.execute("PRAGMA busy_timeout=10000")
         cur.execute("PRAGMA cache_size=-65536")  # 64 MiB: the indexes of a few million rows
         cur.execute("PRAGMA temp_store=MEMORY")
+        cur.execute("PRAGMA wal_autocheckpoint=10000")
         if self.read_only:
             cur.execute("PRAGMA query_only=ON")
         cur.close()

@@ -13,7 +13,7 @@
    ``--repeat`` runs each (target p95 <= 200 ms on SQLite at 1M).
 4. Replay: recorded decisions re-evaluated per second against a candidate set.
 
-    .venv/bin/python bench/audit.py [--rows 1000000] [--pg-rows 10000000] [--no-pg]
+    .venv/bin/python bench/audit_trail.py [--rows 1000000] [--pg-rows 10000000] [--no-pg]
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# This file is named for what it measures, and so shadows the `audit` package when run
-# as a script: its own directory leaves the import path, the repository joins it.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+# tests.audit.decided makes the recorded decisions replay uses: the repository root.
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
 import argparse
