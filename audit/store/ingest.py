@@ -215,7 +215,7 @@ class StoreWriter:
                 # What is stored already (a spool shipped again) is neither inserted nor
                 # counted. One shipper per spool holds a lock, and decision ids are unique
                 # across spools: nothing else can insert these ids meanwhile.
-                stored = _stored_ids(conn, [r["decision_id"] for r in batch.decisions])
+                stored = _stored_ids(conn, batch.decisions)
                 new = [r for r in batch.decisions if r["decision_id"] not in stored]
                 if new:
                     self._insert(conn, new)
@@ -270,16 +270,30 @@ class StoreWriter:
         return store_errors(self.db, what)
 
 
-def _stored_ids(conn: Connection, ids: list[str]) -> set[str]:
+def _stored_ids(conn: Connection, rows: list[dict[str, Any]]) -> set[str]:
+    """The decision ids of ``rows`` already stored (at their times).
+
+    Bounded by the batch's times, so that only its partitions (on PostgreSQL) and that
+    range of the time index are read: the table may hold billions of other rows.
+    """
+    first = min(row["ts"] for row in rows)
+    last = max(row["ts"] for row in rows)
+    ids = [row["decision_id"] for row in rows]
     if conn.dialect.name == "postgresql":
-        query = "SELECT decision_id FROM decisions WHERE decision_id = ANY(%s)"
-        return set(conn.exec_driver_sql(query, (ids,)).scalars())
+        query = (
+            "SELECT decision_id FROM decisions "
+            "WHERE ts >= %s AND ts <= %s AND decision_id = ANY(%s)"
+        )
+        return set(conn.exec_driver_sql(query, (first, last, ids)).scalars())
     found: set[str] = set()
     for start in range(0, len(ids), 900):  # under SQLite's bound-parameter limit
         chunk = ids[start : start + 900]
         marks = ", ".join("?" * len(chunk))
-        query = f"SELECT decision_id FROM decisions WHERE decision_id IN ({marks})"  # noqa: S608
-        found.update(conn.exec_driver_sql(query, tuple(chunk)).scalars())
+        query = (
+            "SELECT decision_id FROM decisions WHERE ts >= ? AND ts <= ? "  # noqa: S608
+            f"AND decision_id IN ({marks})"
+        )
+        found.update(conn.exec_driver_sql(query, (first, last, *chunk)).scalars())
     return found
 
 

@@ -409,11 +409,13 @@ class Aggregate:
 
 
 def _used(filters: Filters) -> set[str]:
-    """The filters set, time aside."""
+    """The filters set, time aside (allowed=False is a filter; dry_run_flip=False is not)."""
     return {
         f.name
         for f in fields(filters)
-        if f.name not in ("since_us", "until_us") and getattr(filters, f.name) not in (None, False)
+        if f.name not in ("since_us", "until_us")
+        and getattr(filters, f.name) is not None
+        and not (f.name == "dry_run_flip" and not filters.dry_run_flip)
     }
 
 
@@ -611,12 +613,24 @@ def dry_run_policies(
     conn: Connection, filters: Filters, *, examples: int = 3
 ) -> list[dict[str, Any]]:
     """Each dry-run policy with how many decisions it would have flipped, and examples."""
-    joined = _flips_joined(filters)
-    count = func.count().label("count")
+    if _used(filters):
+        source: Any = DryRunFlipRow.__table__.join(
+            DecisionRow.__table__, and_(F.ts == D.ts, F.decision_id == D.decision_id)
+        )
+        where = filters.where()
+    else:
+        # Time alone: the flips answer without a join to the (much larger) decisions.
+        source = DryRunFlipRow.__table__
+        where = []
+        if filters.since_us is not None:
+            where.append(F.ts >= filters.since_us)
+        if filters.until_us is not None:
+            where.append(F.ts < filters.until_us)
+    count = func.count().label("n")
     query = (
         select(F.engine, F.policy, F.to, count)
-        .select_from(joined)
-        .where(*filters.where())
+        .select_from(source)
+        .where(*where)
         .group_by(F.engine, F.policy, F.to)
         .order_by(count.desc(), F.policy)
     )
@@ -624,8 +638,8 @@ def dry_run_policies(
     for r in conn.execute(query):
         sample = conn.execute(
             select(F.decision_id)
-            .select_from(joined)
-            .where(*filters.where(), F.engine == r.engine, F.policy == r.policy, F.to == r.to)
+            .select_from(source)
+            .where(*where, F.engine == r.engine, F.policy == r.policy, F.to == r.to)
             .order_by(F.ts.desc())
             .limit(examples)
         ).scalars()
@@ -634,17 +648,11 @@ def dry_run_policies(
                 "engine": r.engine,
                 "policy": r.policy,
                 "to": r.to,
-                "count": r.count,
+                "count": int(r.n),
                 "examples": list(sample),
             }
         )
     return out
-
-
-def _flips_joined(filters: Filters) -> Any:
-    return DryRunFlipRow.__table__.join(
-        DecisionRow.__table__, and_(F.ts == D.ts, F.decision_id == D.decision_id)
-    )
 
 
 def count(conn: Connection, filters: Filters) -> int:
