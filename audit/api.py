@@ -31,7 +31,7 @@ from audit.errors import AuditError, QueryError, StoreError
 from audit.request_document import request_document
 from audit.store import queries
 from audit.store.database import AuditDatabase
-from audit.store.ingest import store_errors
+from audit.store.ingest import COLUMNS, store_errors
 from audit.store.queries import FILTERS, GROUPS, Filters, StoredPolicySet
 
 __all__ = ["EXPORT_COLUMNS", "Explain", "Replay", "ReplayError", "create_audit_app"]
@@ -43,33 +43,8 @@ Explain = Callable[[dict[str, Any], StoredPolicySet | None], dict[str, Any]]
 # replay(candidate directory, recorded decisions with their requests, the newest kept set
 # (whose settings stand in for those this server's config lacks)) → report
 Replay = Callable[[str, Iterator[dict[str, Any]], StoredPolicySet | None], dict[str, Any]]
-EXPORT_COLUMNS = (
-    "time",
-    "decision_id",
-    "allowed",
-    "reason",
-    "engine",
-    "status",
-    "policy",
-    "rule",
-    "policy_id",
-    "policy_set_version",
-    "latency_us",
-    "source_principal",
-    "source_namespace",
-    "source_ip",
-    "request_principal",
-    "destination_namespace",
-    "destination_workload",
-    "destination_service",
-    "destination_port",
-    "sni",
-    "method",
-    "host",
-    "path",
-    "audit_policy_ids",
-    "dry_run_flips",
-)
+# CSV columns: the record's time, its columns, and its lists as space-separated text.
+EXPORT_COLUMNS = ("time", *COLUMNS, "audit_policy_ids", "dry_run_flips")
 _SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 10.0)
 _REPLAY_LIMIT = 100_000
 

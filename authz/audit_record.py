@@ -18,6 +18,7 @@ no body) costs a few attribute reads and one ``SerializeToString``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -112,7 +113,7 @@ def request_snapshot(
     if not secret and not query_marks and not query_only_marks and not (http.body or http.raw_body):
         return request.SerializeToString(), ()
     undo: list[Callable[[], None]] = []
-    redacted = [f"header:{name}" for name in sorted(secret)]
+    redacted = list(_header_marks(frozenset(secret)))
     try:
         map_headers = http.headers
         # Envoy sends lowercase names; any other spelling is found by a scan.
@@ -133,7 +134,8 @@ def request_snapshot(
             _set_field(http, "path", path, undo)
         if query_only_marks:
             _set_field(http, "query", query.removeprefix("?"), undo)
-        redacted += dict.fromkeys((*query_marks, *query_only_marks))
+        if query_marks or query_only_marks:
+            redacted += dict.fromkeys((*query_marks, *query_only_marks))
         body = http.raw_body or http.body.encode("utf-8", "surrogateescape")
         if body:
             kept = redaction.body(body)
@@ -151,6 +153,12 @@ def request_snapshot(
     finally:
         for step in reversed(undo):
             step()
+
+
+@functools.lru_cache(maxsize=256)
+def _header_marks(names: frozenset[str]) -> tuple[str, ...]:
+    # The same few sets of names come back on every request (authorization, cookie).
+    return tuple(f"header:{name}" for name in sorted(names))
 
 
 def _set_header(headers: Any, key: str, value: str, undo: list[Callable[[], None]]) -> None:

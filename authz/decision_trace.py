@@ -16,6 +16,7 @@ same request to show what the decision record leaves out:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ __all__ = [
     "istio_trace",
     "rego_trace",
     "shadow_dict",
+    "shadow_lines",
 ]
 
 
@@ -185,3 +187,16 @@ def istio_summary(istio: IstioDecision | None) -> dict[str, Any]:
         "dry_run_allow": shadow_dict(istio.dry_run_allow) if istio else None,
         "dry_run_deny": shadow_dict(istio.dry_run_deny) if istio else None,
     }
+
+
+def shadow_lines(istio: Mapping[str, Any]) -> list[str]:
+    """An ``istio_summary``'s dry-run shadow results as the CLI prints them."""
+    lines = []
+    for engine in ("allow", "deny"):
+        shadow = istio[f"dry_run_{engine}"]
+        if shadow is not None:
+            lines.append(
+                f"  dry-run {engine.upper()} shadow: {shadow['result']}"
+                + (f" by {shadow['policy']}" if shadow["policy"] else "")
+            )
+    return lines

@@ -22,7 +22,16 @@ import httpx
 
 from audit.errors import AuditError
 from audit.store.queries import FILTERS
-from meshward.cli_options import F, common, config_from, emit, handle_errors, setup_logging
+from meshward.cli_options import (
+    F,
+    common,
+    config_from,
+    config_options,
+    emit,
+    handle_errors,
+    log_level_option,
+    setup_logging,
+)
 from meshward.config import Config
 
 __all__ = ["audit", "policy_replay"]
@@ -121,7 +130,7 @@ class _Api:
     type=click.Path(path_type=Path, file_okay=False),
     help="A policy directory the page's replay form may read (also audit.replay_roots).",
 )
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
+@log_level_option
 @click.pass_context
 @handle_errors
 def audit(
@@ -162,7 +171,7 @@ def audit(
     help="Read the config as one JSON line on stdin, and stop at end of file (how "
     "meshward authz runs its shipper).",
 )
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
+@log_level_option
 @handle_errors
 def ship(
     config_path: Path | None,
@@ -188,30 +197,14 @@ def ship(
 
 
 def _query_options(func: F) -> F:
-    options = [
-        click.option(
-            "--config",
-            "config_path",
-            type=click.Path(path_type=Path, dir_okay=False),
-            envvar="MESHWARD_CONFIG",
-            help="YAML config file (env MESHWARD_CONFIG).",
-        ),
-        click.option(
-            "--data-dir",
-            type=click.Path(path_type=Path, file_okay=False),
-            help="Data directory (default ./.meshward, env MESHWARD_DATA_DIR).",
-        ),
-        click.option(
-            "--output",
-            type=click.Choice(["table", "json"]),
-            default="table",
-            show_default=True,
-            help="A table, or JSON (one object per decision for tail).",
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return _url_option(func)
+    func = click.option(
+        "--output",
+        type=click.Choice(["table", "json"]),
+        default="table",
+        show_default=True,
+        help="A table, or JSON (one object per decision for tail).",
+    )(func)
+    return _url_option(config_options(func))
 
 
 @audit.command("query")
@@ -409,6 +402,8 @@ def _table(items: list[dict[str, Any]], *, header: bool = True) -> str:
 
 
 def _explanation(report: dict[str, Any]) -> str:
+    from authz.decision_trace import shadow_lines
+
     d = report["decision"]
     outcome = "allowed" if d["allowed"] else f"denied {d['status'] or ''}".rstrip()
     lines = [
@@ -439,13 +434,7 @@ def _explanation(report: dict[str, Any]) -> str:
             f"  verdict: {'allowed' if istio['allowed'] else 'denied'} ({istio['reason']})"
             + (f", decided by {istio['policy_id']}" if istio["policy_id"] else "")
         )
-        for engine in ("allow", "deny"):
-            shadow = istio[f"dry_run_{engine}"]
-            if shadow is not None:
-                lines.append(
-                    f"  dry-run {engine.upper()} shadow: {shadow['result']}"
-                    + (f" by {shadow['policy']}" if shadow["policy"] else "")
-                )
+        lines += shadow_lines(istio)
     rego = report.get("rego")
     if rego is not None:
         lines += ["", "Rego", f"  decision {rego['decision']} (package {rego['package']})"]

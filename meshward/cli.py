@@ -26,6 +26,7 @@ from meshward.cli_options import (
     config_from,
     emit,
     handle_errors,
+    log_level_option,
     server_options,
     setup_logging,
 )
@@ -122,7 +123,7 @@ def up(
     type=click.Path(path_type=Path, dir_okay=False),
     help="Bundle (PEM) to verify the server at first attestation.",
 )
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
+@log_level_option
 @handle_errors
 def agent(
     config_path: Path | None,
@@ -171,7 +172,7 @@ def agent(
     "(authz.listen; default 127.0.0.1:9191).",
 )
 @click.option("--trust-domain", help="Trust domain (env MESHWARD_TRUST_DOMAIN).")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
+@log_level_option
 @handle_errors
 def authz_command(
     config_path: Path | None,

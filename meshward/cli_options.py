@@ -23,8 +23,10 @@ __all__ = [
     "F",
     "common",
     "config_from",
+    "config_options",
     "emit",
     "handle_errors",
+    "log_level_option",
     "server_options",
     "setup_logging",
 ]
@@ -45,42 +47,45 @@ class DurationType(click.ParamType):  # type: ignore[type-arg]
 DURATION = DurationType()
 
 
+def config_options(func: F) -> F:
+    """Where the config file and the data dir are."""
+    func = click.option(
+        "--data-dir",
+        type=click.Path(path_type=Path, file_okay=False),
+        help="Data directory (default ./.meshward, env MESHWARD_DATA_DIR).",
+    )(func)
+    return click.option(
+        "--config",
+        "config_path",
+        type=click.Path(path_type=Path, dir_okay=False),
+        envvar="MESHWARD_CONFIG",
+        help="YAML config file (env MESHWARD_CONFIG).",
+    )(func)
+
+
 def common(func: F) -> F:
     """Options every command takes: where the config and the data dir are, and output form."""
-    options = [
-        click.option(
-            "--config",
-            "config_path",
-            type=click.Path(path_type=Path, dir_okay=False),
-            envvar="MESHWARD_CONFIG",
-            help="YAML config file (env MESHWARD_CONFIG).",
-        ),
-        click.option(
-            "--data-dir",
-            type=click.Path(path_type=Path, file_okay=False),
-            help="Data directory (default ./.meshward, env MESHWARD_DATA_DIR).",
-        ),
-        click.option(
-            "--output",
-            type=click.Choice(["text", "json"]),
-            default="text",
-            envvar="MESHWARD_OUTPUT",
-            show_default=True,
-            help="Output format.",
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+    func = click.option(
+        "--output",
+        type=click.Choice(["text", "json"]),
+        default="text",
+        envvar="MESHWARD_OUTPUT",
+        show_default=True,
+        help="Output format.",
+    )(func)
+    return config_options(func)
+
+
+log_level_option = click.option(
+    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None
+)
 
 
 def server_options(func: F) -> F:
     options = [
         click.option("--trust-domain", help="Trust domain (env MESHWARD_TRUST_DOMAIN)."),
         click.option("--database-url", help="SQLAlchemy URL (default SQLite in the data dir)."),
-        click.option(
-            "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None
-        ),
+        log_level_option,
     ]
     for option in reversed(options):
         func = option(func)

@@ -24,6 +24,7 @@ from authz.decision_trace import (
     istio_summary,
     istio_trace,
     rego_trace,
+    shadow_lines,
 )
 from authz.errors import AuthzError, PolicyIssue, PolicyLoadError
 from authz.policy_store import PolicyStore, ServedPolicies
@@ -297,13 +298,7 @@ class EvalReport:
             f"  verdict: {'allowed' if istio['allowed'] else 'denied'} ({istio['reason']}), "
             f"decided by {decided}"
         )
-        for engine in ("allow", "deny"):
-            shadow = istio[f"dry_run_{engine}"]
-            if shadow is not None:
-                lines.append(
-                    f"  dry-run {engine.upper()} shadow: {shadow['result']}"
-                    + (f" by {shadow['policy']}" if shadow["policy"] else "")
-                )
+        lines += shadow_lines(istio)
         lines += ["", "Rego"]
         lines.extend(self._rego_lines())
         if self.test.expect is not None:

@@ -4,7 +4,20 @@ from __future__ import annotations
 
 from envoy.service.auth.v3 import external_auth_pb2
 
-__all__ = ["check", "decision_id"]
+__all__ = ["ALLOW_GET", "PRODUCTPAGE", "check", "decision_id"]
+
+PRODUCTPAGE = "spiffe://example.org/ns/default/sa/productpage"
+# productpage may GET /reviews/*: what the tests that dial authz directly serve.
+ALLOW_GET = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: reviews-viewer, namespace: default}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  rules:
+  - from: [{source: {principals: ["example.org/ns/default/sa/productpage"]}}]
+    to: [{operation: {methods: ["GET"], paths: ["/reviews/{*}"]}}]
+"""
 
 
 def check(principal: str, method: str, path: str) -> external_auth_pb2.CheckRequest:

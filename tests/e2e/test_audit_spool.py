@@ -35,21 +35,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
 from audit.store.database import AuditDatabase
-from tests.e2e.checks import check, decision_id
+from tests.e2e.checks import ALLOW_GET, PRODUCTPAGE, check, decision_id
 from tests.e2e.processes import MESHWARD, cli_env, free_port
 
 DEADLINE = 60.0  # only keeps a broken run from hanging; nothing asserts durations
-ALLOW_GET = """\
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: reviews-viewer, namespace: default}
-spec:
-  selector: {matchLabels: {app: reviews}}
-  rules:
-  - from: [{source: {principals: ["example.org/ns/default/sa/productpage"]}}]
-    to: [{operation: {methods: ["GET"], paths: ["/reviews/{*}"]}}]
-"""
-PRODUCTPAGE = "spiffe://example.org/ns/default/sa/productpage"
 
 
 @dataclass

@@ -16,21 +16,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from meshward.envoy_bootstrap import server_bootstrap
 from tests.e2e.envoys import (
-    CLIENT_ID,
-    CLIENT_UID,
     ENVOY,
-    SERVER_ID,
-    SERVER_UID,
     Envoy,
-    start_client,
-    start_envoy,
-    wait_until,
 )
+from tests.e2e.mesh import REVIEWS_VIEWER, STAGED_LOCKDOWN, start_reviews_mesh
 from tests.e2e.processes import (
     free_port,
-    register,
     run_cli,
     running_audit,
     running_authz,
@@ -51,16 +43,7 @@ def test_up_serves_the_audit_api_and_page(root: Path) -> None:
         assert f"audit API and page on http://127.0.0.1:{port}/" in server.stderr
 
 
-POLICIES = """\
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: reviews-viewer, namespace: default}
-spec:
-  selector: {matchLabels: {app: reviews}}
-  rules:
-  - from: [{source: {principals: ["example.org/ns/default/sa/client"]}}]
-    to: [{operation: {methods: ["GET"], paths: ["/reviews/{*}"]}}]
----
+DENY_DELETE = """\
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: deny-delete, namespace: default}
@@ -69,19 +52,8 @@ spec:
   selector: {matchLabels: {app: reviews}}
   rules:
   - to: [{operation: {methods: ["DELETE"]}}]
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: staged-lockdown
-  namespace: default
-  annotations: {istio.io/dry-run: "true"}
-spec:
-  action: DENY
-  selector: {matchLabels: {app: reviews}}
-  rules:
-  - to: [{operation: {paths: ["/reviews/2"]}}]
 """
+POLICIES = "---\n".join([REVIEWS_VIEWER, DENY_DELETE, STAGED_LOCKDOWN])
 # The candidate: writes are allowed too, and /reviews/1 is closed.
 CANDIDATE = (
     POLICIES.replace('methods: ["GET"]', 'methods: ["GET", "POST"]')
@@ -120,24 +92,8 @@ def test_decisions_are_queried_explained_and_replayed_without_a_secret_kept(
         running_server(root) as server,
         running_authz(root, {"reviews.yaml": POLICIES}) as authz,
     ):
-        agent_socket = server.data_dir / "agent.sock"
-        register(server, SERVER_ID, SERVER_UID)
-        register(server, CLIENT_ID, CLIENT_UID)
-        inbound = start_envoy(
-            root,
-            "server",
-            server_bootstrap(
-                node_id="server",
-                agent_socket=agent_socket,
-                client_id=CLIENT_ID,
-                authz_port=authz.port,
-                workload=("default", {"app": "reviews", "version": "v1"}, "reviews"),
-            ),
-            SERVER_UID,
-        )
-        envoys.append(inbound)
-        wait_until(inbound.ready, inbound)
-        _, base = start_client(root, agent_socket, inbound, envoys)
+        mesh = start_reviews_mesh(root, server, authz.port, envoys)
+        inbound, base = mesh.inbound, mesh.url
         secret_headers = {
             "authorization": SECRETS["bearer"],
             "cookie": SECRETS["cookie"],

@@ -34,7 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from meshward.envoy_bootstrap import client_bootstrap, server_bootstrap, sidecar_bootstrap
 from tests.authz.svids import Authority, Leaf, served_certificate
 from tests.e2e.audit_trail import AuditTrail
-from tests.e2e.checks import check
+from tests.e2e.checks import ALLOW_GET, PRODUCTPAGE, check
 from tests.e2e.envoys import ENVOY, Envoy, launch, wait_until
 from tests.e2e.processes import MESHWARD, ServerProcess, cli_env, free_port, run_cli, running_server
 
@@ -45,16 +45,6 @@ AUTHZ_ID = f"spiffe://{TD}/meshward/authz"
 AUTHZ_DNS = "authz.meshward.test"  # the authz SVID's DNS SAN: grpc's Python client pins names
 ENVOY_ID = f"spiffe://{TD}/ns/default/sa/envoy-reviews"
 OTHER_ID = f"spiffe://{TD}/ns/default/sa/other"
-ALLOW_GET = """\
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: reviews-viewer, namespace: default}
-spec:
-  selector: {matchLabels: {app: reviews}}
-  rules:
-  - from: [{source: {principals: ["example.org/ns/default/sa/productpage"]}}]
-    to: [{operation: {methods: ["GET"], paths: ["/reviews/{*}"]}}]
-"""
 DENY_ALL = """\
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -71,7 +61,6 @@ spec:
   rules:
   - to: [{operation: {ports: ["http"]}}]
 """
-PRODUCTPAGE = "spiffe://example.org/ns/default/sa/productpage"
 OK = grpc.StatusCode.OK.value[0]
 DENIED = grpc.StatusCode.PERMISSION_DENIED.value[0]
 

@@ -39,22 +39,16 @@ import httpx
 import pytest
 
 from authz.policy_store import PolicyStore
-from meshward.envoy_bootstrap import server_bootstrap
 from tests.e2e.audit_trail import AuditTrail
 from tests.e2e.envoys import (
-    CLIENT_ID,
-    CLIENT_UID,
     DEADLINE,
     ENVOY,
-    SERVER_ID,
-    SERVER_UID,
     Envoy,
     RequestLoop,
-    start_client,
-    start_envoy,
     wait_until,
 )
-from tests.e2e.processes import AuthzProcess, register, running_authz, running_server
+from tests.e2e.mesh import REVIEWS_VIEWER, start_reviews_mesh
+from tests.e2e.processes import AuthzProcess, running_authz, running_server
 
 pytestmark = [
     pytest.mark.skipif(os.getuid() != 0, reason="runs each Envoy as its own uid, which needs root"),
@@ -67,16 +61,7 @@ REJECTED = "last good set keeps serving"  # what authz logs when it refuses a di
 DENIED_BODY = "RBAC: access denied"
 
 # The invariant decisions: GET /reviews/* allowed to the client, DELETE denied to everyone.
-BASE = """\
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: reviews-viewer, namespace: default}
-spec:
-  selector: {matchLabels: {app: reviews}}
-  rules:
-  - from: [{source: {principals: ["example.org/ns/default/sa/client"]}}]
-    to: [{operation: {methods: ["GET"], paths: ["/reviews/{*}"]}}]
-"""
+BASE = REVIEWS_VIEWER
 NO_DELETES = """\
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -367,25 +352,9 @@ def test_policy_changes_under_load_fail_no_request_and_decide_none_wrongly(
         running_server(root) as server,
         running_authz(root, initial, env={"MESHWARD_AUTHZ__RELOAD_INTERVAL": "100ms"}) as authz,
     ):
-        agent_socket = server.data_dir / "agent.sock"
         # SVIDs that outlive the test: any failure here is the reloads', not a rotation's.
-        register(server, SERVER_ID, SERVER_UID, ttl="1h")
-        register(server, CLIENT_ID, CLIENT_UID, ttl="1h")
-        inbound = start_envoy(
-            root,
-            "server",
-            server_bootstrap(
-                node_id="server",
-                agent_socket=agent_socket,
-                client_id=CLIENT_ID,
-                authz_port=authz.port,
-                workload=("default", {"app": "reviews", "version": "v1"}, "reviews"),
-            ),
-            SERVER_UID,
-        )
-        envoys.append(inbound)
-        wait_until(inbound.ready, inbound)
-        outbound, base_url = start_client(root, agent_socket, inbound, envoys)
+        mesh = start_reviews_mesh(root, server, authz.port, envoys, ttl="1h")
+        inbound, outbound, base_url = mesh.inbound, mesh.outbound, mesh.url
         (root / "expected").mkdir()
 
         with DecisionLoop(base_url, lifetime=10 * DEADLINE) as loop:

@@ -29,6 +29,7 @@ from tests.e2e.envoys import (
     start_envoy,
     wait_until,
 )
+from tests.e2e.mesh import REVIEWS_VIEWER, STAGED_LOCKDOWN, start_reviews_mesh
 from tests.e2e.processes import register, running_authz, running_server
 
 ROTATION_DEADLINE = 90.0  # two 20 s SVID lifetimes and then some; never asserted on
@@ -88,28 +89,7 @@ def test_envoys_attested_by_the_agent_do_mtls_through_two_rotations(
         assert not stranger.ready()
 
 
-REVIEWS_POLICIES = """\
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: reviews-viewer, namespace: default}
-spec:
-  selector: {matchLabels: {app: reviews}}
-  rules:
-  - from: [{source: {principals: ["example.org/ns/default/sa/client"]}}]
-    to: [{operation: {methods: ["GET"], paths: ["/reviews/{*}"]}}]
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: staged-lockdown
-  namespace: default
-  annotations: {istio.io/dry-run: "true"}
-spec:
-  action: DENY
-  selector: {matchLabels: {app: reviews}}
-  rules:
-  - to: [{operation: {paths: ["/reviews/2"]}}]
-"""
+REVIEWS_POLICIES = REVIEWS_VIEWER + "---\n" + STAGED_LOCKDOWN
 
 
 def test_ext_authz_decides_every_request_with_the_peer_principal_envoy_saw(
@@ -119,24 +99,8 @@ def test_ext_authz_decides_every_request_with_the_peer_principal_envoy_saw(
         running_server(root) as server,
         running_authz(root, {"reviews.yaml": REVIEWS_POLICIES}) as authz,
     ):
-        agent_socket = server.data_dir / "agent.sock"
-        register(server, SERVER_ID, SERVER_UID)
-        register(server, CLIENT_ID, CLIENT_UID)
-        inbound = start_envoy(
-            root,
-            "server",
-            server_bootstrap(
-                node_id="server",
-                agent_socket=agent_socket,
-                client_id=CLIENT_ID,
-                authz_port=authz.port,
-                workload=("default", {"app": "reviews", "version": "v1"}, "reviews"),
-            ),
-            SERVER_UID,
-        )
-        envoys.append(inbound)
-        wait_until(inbound.ready, inbound)
-        _, base = start_client(root, agent_socket, inbound, envoys)
+        mesh = start_reviews_mesh(root, server, authz.port, envoys)
+        inbound, base = mesh.inbound, mesh.url
 
         with httpx.Client(timeout=5) as http:
             allowed = http.get(f"{base}/reviews/1")
