@@ -22,6 +22,7 @@ import httpx
 
 from audit.errors import AuditError
 from audit.store.queries import FILTERS
+from meshward import lifeline
 from meshward.cli_options import (
     F,
     common,
@@ -189,7 +190,7 @@ def ship(
     from meshward.audit_runtime import run_shipper
 
     if config_stdin:
-        config = Config.model_validate_json(sys.stdin.buffer.readline())
+        config = lifeline.read_config()
     else:
         config = config_from(config_path, data_dir=data_dir, log_level=log_level)
     setup_logging(config)

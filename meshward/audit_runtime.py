@@ -28,6 +28,7 @@ from audit.store.retention import Retention
 from identity.health_api import health_router
 from meshward.audit_tools import explainer, replayer
 from meshward.config import Config
+from meshward.lifeline import watch as lifeline_watch
 
 __all__ = ["AuditServer", "run_audit_server", "run_shipper"]
 
@@ -74,22 +75,13 @@ def run_shipper(config: Config, *, once: bool = False, lifeline: BinaryIO | None
             with contextlib.suppress(OSError):
                 os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
             os.nice(_NICE)
-            threading.Thread(
-                target=_watch, args=(lifeline, stop), name="lifeline", daemon=True
-            ).start()
+            lifeline_watch(lifeline, stop.set)
         log.info(
             "meshward audit ship: %s → %s (pid %d)", config.audit_spool, db.display_url, os.getpid()
         )
         shipper.run(stop)
     finally:
         db.dispose()
-
-
-def _watch(lifeline: BinaryIO, stop: threading.Event) -> None:
-    while lifeline.read(4096):
-        pass
-    log.info("meshward audit ship: the authz process stopped it (or is gone); stopping")
-    stop.set()
 
 
 class AuditServer:

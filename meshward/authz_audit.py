@@ -2,11 +2,9 @@
 
 The authz process appends every decision to its spool (``audit.spool``) and starts
 ``meshward audit ship`` as a child that drains the spool into ``audit.database_url``,
-restarting it whenever it exits. The child reads this process's configuration as one
-JSON line on its stdin (never in argv, where a database password would show in
-``ps``), and the pipe stays open as its lifeline: at end of file (this process closed
-it to stop the child, or died, even by SIGKILL) the child ships what it can and
-exits. Metrics and ``/ready`` read the spool and the shipper's ``shipper.json``.
+restarting it whenever it exits. The child is configured over its stdin, which stays
+open as its lifeline (``meshward.lifeline``): at end of file (this process closed it to
+stop the child, or died, even by SIGKILL) the child ships what it can and exits. Metrics and ``/ready`` read the spool and the shipper's ``shipper.json``.
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -29,6 +26,7 @@ from audit.shipper import read_status
 from audit.spool import KIND_POLICY_SET, Position, SpoolReader, SpoolWriter
 from audit.store.ingest import encode_policy_set_files
 from authz.policy_store import ServedPolicies
+from meshward import lifeline
 from meshward.config import Config
 
 __all__ = ["AuthzAudit", "served_settings", "with_settings"]
@@ -134,16 +132,8 @@ class AuthzAudit:
             await asyncio.shield(asyncio.to_thread(self._stop_child))
 
     def _start_child(self) -> subprocess.Popen[bytes]:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "meshward", "audit", "ship", "--config-stdin"],
-            stdin=subprocess.PIPE,
-            start_new_session=True,  # a Ctrl-C to the terminal reaches authz, which stops it
-        )
-        assert child.stdin is not None
-        child.stdin.write(self.config.model_dump_json().encode() + b"\n")
-        child.stdin.flush()
-        self._child = child
-        return child
+        self._child = lifeline.spawn(["audit", "ship"], self.config)
+        return self._child
 
     def _stop_child(self) -> None:
         """Stop the shipper once it has shipped what it can; if it was not running (killed,
@@ -151,14 +141,7 @@ class AuthzAudit:
         child = self._child
         if child is None or child.poll() is not None:
             child = self._start_child()
-        if child.stdin is not None:
-            with contextlib.suppress(OSError):
-                child.stdin.close()  # end of file: ship what is there, then exit
-        try:
-            child.wait(30)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait(10)
+        lifeline.stop(child)  # end of file: the shipper ships what is there, then exits
 
     @property
     def shipper_pid(self) -> int | None:

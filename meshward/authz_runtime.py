@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
@@ -40,6 +40,7 @@ from identity.health_api import health_router
 from meshward.authz_audit import AuthzAudit
 from meshward.config import AuthzTLSConfig, Config, ConfigError
 from meshward.durations import format_duration
+from meshward.lifeline import watch as lifeline_watch
 from meshward.runtime import _listen_tcp, _Server, _uvicorn_config
 
 __all__ = ["AuthzStatus", "GrpcAddress", "build_authz", "grpc_address", "run_authz"]
@@ -294,8 +295,11 @@ class AuthzStatus:
         return tls, not expired
 
 
-def run_authz(config: Config, *, policies: Path) -> None:
-    """Bind, load, serve until SIGINT/SIGTERM. Every misconfiguration is a ConfigError."""
+def run_authz(config: Config, *, policies: Path, lifeline: BinaryIO | None = None) -> None:
+    """Bind, load, serve until SIGINT/SIGTERM (or ``lifeline``'s end of file, when it is
+    ``meshward up``'s child). Every misconfiguration is a ConfigError."""
+    if not config.authz.listen:
+        raise ConfigError('authz.listen is "" (off); give it an address, e.g. 127.0.0.1:9191')
     if not policies.is_dir():
         raise ConfigError(f"--policies {policies} is not a directory (it holds istio/ and rego/)")
     address = grpc_address(config.authz.listen)
@@ -305,7 +309,15 @@ def run_authz(config: Config, *, policies: Path) -> None:
         else None
     )
     try:
-        asyncio.run(_serve(config, policies=policies, address=address, health_sock=health_sock))
+        asyncio.run(
+            _serve(
+                config,
+                policies=policies,
+                address=address,
+                health_sock=health_sock,
+                lifeline=lifeline,
+            )
+        )
     finally:
         if health_sock is not None:
             health_sock.close()
@@ -314,7 +326,12 @@ def run_authz(config: Config, *, policies: Path) -> None:
 
 
 async def _serve(
-    config: Config, *, policies: Path, address: GrpcAddress, health_sock: socket.socket | None
+    config: Config,
+    *,
+    policies: Path,
+    address: GrpcAddress,
+    health_sock: socket.socket | None,
+    lifeline: BinaryIO | None,
 ) -> None:
     registry = CollectorRegistry()
     audit = AuthzAudit(config)
@@ -357,6 +374,8 @@ async def _serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopped.set)
+    if lifeline is not None:
+        lifeline_watch(lifeline, lambda: loop.call_soon_threadsafe(stopped.set))
     shipper = asyncio.create_task(audit.supervise_shipper())
     tasks: list[asyncio.Task[None]] = []
     http = http_task = None

@@ -84,6 +84,11 @@ def server(
 @cli.command()
 @common
 @server_options
+@click.option(
+    "--policies",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Policy directory authz serves (default ./policies, else the sample policies/).",
+)
 @handle_errors
 def up(
     config_path: Path | None,
@@ -92,12 +97,15 @@ def up(
     trust_domain: str | None,
     database_url: str | None,
     log_level: str | None,
+    policies: Path | None,
 ) -> None:
-    """Run server, agent and the audit API in one process (trust domain example.org unless set).
+    """Run server, agent, authz and the audit API together (trust domain example.org unless set).
 
     Entries created without --parent-id belong to this agent; workloads reach it at
-    unix://<data-dir>/agent.sock (export it as SPIFFE_ENDPOINT_SOCKET). The audit API
-    and page are on audit.listen (127.0.0.1:8090; "" turns them off).
+    unix://<data-dir>/agent.sock (export it as SPIFFE_ENDPOINT_SOCKET). Authz (a child
+    process) serves ext_authz on authz.listen (127.0.0.1:9191) from --policies; the audit
+    API and page are on audit.listen (127.0.0.1:8090). "" turns either off. Ctrl-C or
+    SIGTERM stops all of it.
     """
     config = config_from(
         config_path,
@@ -108,7 +116,11 @@ def up(
     )
     if config.trust_domain is None:
         config = config.model_copy(update={"trust_domain": UP_TRUST_DOMAIN})
-    _run_server(config, agent=True)
+    from meshward.runtime import run
+    from meshward.up import policies_dir
+
+    setup_logging(config)
+    run(config, agent=True, policies=policies_dir(policies) if config.authz.listen else None)
 
 
 @cli.command()
@@ -172,6 +184,13 @@ def agent(
     "(authz.listen; default 127.0.0.1:9191).",
 )
 @click.option("--trust-domain", help="Trust domain (env MESHWARD_TRUST_DOMAIN).")
+@click.option(
+    "--config-stdin",
+    is_flag=True,
+    hidden=True,
+    help="Read the config as one JSON line on stdin, and stop at end of file (how "
+    "meshward up runs authz).",
+)
 @log_level_option
 @handle_errors
 def authz_command(
@@ -181,6 +200,7 @@ def authz_command(
     policies: Path,
     listen: str | None,
     trust_domain: str | None,
+    config_stdin: bool,
     log_level: str | None,
 ) -> None:
     """Run the Envoy ext_authz server (Istio AuthorizationPolicy), reloading policies on change.
@@ -188,17 +208,21 @@ def authz_command(
     gRPC Check, health and reflection on --listen (mTLS with the process's own SVID when
     authz.tls is set); /live, /ready and /metrics on authz.health_listen.
     """
+    from meshward import lifeline
     from meshward.authz_runtime import run_authz
 
-    config = config_from(
-        config_path,
-        data_dir=data_dir,
-        trust_domain=trust_domain,
-        log_level=log_level,
-        **{"authz.listen": listen},
-    )
+    if config_stdin:
+        config = lifeline.read_config()
+    else:
+        config = config_from(
+            config_path,
+            data_dir=data_dir,
+            trust_domain=trust_domain,
+            log_level=log_level,
+            **{"authz.listen": listen},
+        )
     setup_logging(config)
-    run_authz(config, policies=policies)
+    run_authz(config, policies=policies, lifeline=sys.stdin.buffer if config_stdin else None)
 
 
 @cli.group()

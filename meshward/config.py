@@ -146,7 +146,7 @@ class X509PopConfig(_Section):
 
 class AgentConfig(_Section):
     socket: Path | None = None  # default <data_dir>/agent.sock; SPIFFE_ENDPOINT_SOCKET for clients
-    health_listen: HostPort = "127.0.0.1:8089"  # stand-alone agent: /live /ready /metrics
+    health_listen: HostPort = "127.0.0.1:8089"  # /live /ready /metrics; "" turns it off
     server_address: HostPort = "127.0.0.1:8081"  # the server's node_listen
     attestation_address: HostPort = "127.0.0.1:8082"  # the server's attestation_listen
     trust_bundle_path: Path | None = None  # bootstrap bundle to verify the server the first time
@@ -176,7 +176,7 @@ def _grpc_listen(value: str) -> str:
     if value.startswith("/"):
         return value  # a bare absolute path: host:port never starts with "/"
     if not value:
-        raise ValueError('"" is not an address, e.g. 127.0.0.1:9191 or unix:///run/authz.sock')
+        return value  # off: `meshward up` runs no authz (`meshward authz` refuses to start)
     try:
         return _host_port(value)
     except ValueError:
@@ -253,7 +253,8 @@ class AuthzRegoConfig(_Section):
 
 
 class AuthzConfig(_Section):
-    listen: Annotated[str, AfterValidator(_grpc_listen)] = "127.0.0.1:9191"  # ext_authz gRPC
+    # ext_authz gRPC; "" keeps `meshward up` from running authz
+    listen: Annotated[str, AfterValidator(_grpc_listen)] = "127.0.0.1:9191"
     health_listen: HostPort = "127.0.0.1:9192"  # /live /ready /metrics; "" turns it off
     root_namespace: str = "istio-system"  # its policies apply mesh-wide, as in Istio
     trust_domain_aliases: list[str] = []  # principals in these trust domains match ours

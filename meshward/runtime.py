@@ -158,9 +158,10 @@ class Listeners:
     health: socket.socket | None
     agent: socket.socket | None
     audit: socket.socket | None = None  # `meshward up` only: the audit API and page
+    agent_health: socket.socket | None = None  # `meshward up` only
 
     def close(self, config: Config) -> None:
-        for sock in (self.admin, self.health, self.agent, self.audit):
+        for sock in (self.admin, self.health, self.agent, self.audit, self.agent_health):
             if sock is not None:
                 sock.close()
         config.admin_socket.unlink(missing_ok=True)
@@ -182,17 +183,25 @@ def bind_listeners(config: Config, *, agent: bool) -> Listeners:
         if config.server.health_listen:
             health = _listen_tcp(config.server.health_listen)
             undo.callback(health.close)
-        agent_sock = audit_sock = None
+        agent_sock = audit_sock = agent_health = None
         if agent and config.audit.listen:
             audit_sock = _listen_tcp(config.audit.listen, setting="audit.listen")
             undo.callback(audit_sock.close)
+        if agent and config.agent.health_listen:
+            agent_health = _listen_tcp(config.agent.health_listen, setting="agent.health_listen")
+            undo.callback(agent_health.close)
         if agent:
             agent_sock = _listen_unix(config.agent_socket, private=False, setting="agent.socket")
         undo.pop_all()
-    return Listeners(admin=admin, health=health, agent=agent_sock, audit=audit_sock)
+    return Listeners(
+        admin=admin, health=health, agent=agent_sock, audit=audit_sock, agent_health=agent_health
+    )
 
 
-async def serve(server: IdentityServer, listeners: Listeners) -> None:
+async def serve(
+    server: IdentityServer, listeners: Listeners, *, policies: Path | None = None
+) -> None:
+    """Serve until SIGINT/SIGTERM; with ``policies`` (``up``) run authz on them as a child."""
     config = server.config
     admin_app = create_admin_app(server.admin, registry=server.registry, ready=server.ready)
     servers = [(_Server(_uvicorn_config(admin_app)), listeners.admin)]
@@ -208,8 +217,10 @@ async def serve(server: IdentityServer, listeners: Listeners) -> None:
         servers.append((_Server(_uvicorn_config(audit.app)), listeners.audit))
 
     loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
 
     def stop() -> None:
+        stopping.set()
         for s, _ in servers:
             s.should_exit = True
 
@@ -225,26 +236,47 @@ async def serve(server: IdentityServer, listeners: Listeners) -> None:
     endpoints = None
     if listeners.agent is not None:
         endpoints, agent = _local_agent(server)
+        cache = agent.cache
         await agent.sync()
         await endpoints.start(listeners.agent)
         tasks.append(asyncio.create_task(agent.run()))
-    log.info(
-        "meshward %s: trust domain %s, admin API on %s, health on %s, node API on %s "
-        "(attestation on %s)%s%s",
-        "up" if endpoints else "server",
-        server.ca.trust_domain.name,
-        config.admin_socket,
-        config.server.health_listen or "(off)",
-        config.server.node_listen or "(off)",
-        config.server.attestation_listen,
-        f", agent on unix://{config.agent_socket}" if endpoints else "",
-        f", audit API and page on http://{config.audit.listen}/" if audit else "",
+        if listeners.agent_health is not None:
+            agent_health = FastAPI(title="meshward agent health")
+            agent_health.include_router(
+                health_router(
+                    agent_registry(agent.cache, endpoints.sds.stats),
+                    lambda: (
+                        True,
+                        {"agent": server.admin.default_parent_id, "entries": len(cache.entries)},
+                    ),
+                )
+            )
+            agent_server = _Server(_uvicorn_config(agent_health))
+            servers.append((agent_server, listeners.agent_health))
+    authz = None
+    if policies is not None:
+        from meshward.up import AuthzChild
+
+        authz = AuthzChild(config, policies)
+        tasks.append(asyncio.create_task(authz.supervise(stopping)))
+    from meshward.up import listing
+
+    print(
+        listing(config, policies=policies, agent=endpoints is not None, audit=audit is not None),
+        flush=True,
     )
     try:
-        await asyncio.gather(*(s.serve(sockets=[sock]) for s, sock in servers))
+        serving = asyncio.gather(*(s.serve(sockets=[sock]) for s, sock in servers))
+        # A signal, or authz misconfigured (then it is `up` that fails).
+        first: list[asyncio.Future[Any]] = [asyncio.ensure_future(stopping.wait()), serving]
+        await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+        stop()
+        await serving
     finally:
         for task in tasks:
             task.cancel()
+        # authz first: it drains its spool into the store while the rest still stands.
+        await asyncio.gather(*tasks, return_exceptions=True)
         if endpoints is not None:
             await endpoints.stop()
         for grpc_server in node_servers:
@@ -253,6 +285,8 @@ async def serve(server: IdentityServer, listeners: Listeners) -> None:
         server.db.dispose()
         if audit is not None:
             audit.close()
+    if authz is not None and authz.error is not None:
+        raise authz.error
 
 
 def _local_agent(server: IdentityServer) -> tuple[AgentEndpoints, Agent]:
@@ -295,13 +329,14 @@ def _attestors(config: Config) -> list[ProcessAttestor]:
     return attestors
 
 
-def run(config: Config, *, agent: bool = False) -> None:
-    """Bind, build and serve until SIGINT/SIGTERM; with ``agent`` also the local agent."""
+def run(config: Config, *, agent: bool = False, policies: Path | None = None) -> None:
+    """Bind, build and serve until SIGINT/SIGTERM; with ``agent`` also the local agent,
+    with ``policies`` also authz (a child process)."""
     prepare_data_dir(config.data_dir)
     listeners = bind_listeners(config, agent=agent)
     try:
         server = build_identity_server(config, local_agent=agent)
-        asyncio.run(serve(server, listeners))
+        asyncio.run(serve(server, listeners, policies=policies))
     finally:
         listeners.close(config)
 

@@ -69,7 +69,7 @@ def write_config(
     extra: str = "",
 ) -> Path:
     """Config with ports picked at run time; the node API and `up`'s audit API are off
-    unless ``node_ports`` / ``audit_port`` are given."""
+    unless ``node_ports`` / ``audit_port`` are given, `up`'s authz and agent health always."""
     node = (
         f"  node_listen: 127.0.0.1:{node_ports[0]}\n  attestation_listen: 127.0.0.1:{node_ports[1]}\n"
         if node_ports
@@ -77,7 +77,10 @@ def write_config(
     )
     audit = f"127.0.0.1:{audit_port}" if audit_port else '""'
     path.write_text(
-        f"server:\n  health_listen: 127.0.0.1:{health_port}\n{node}audit:\n  listen: {audit}\n{extra}"
+        f"server:\n  health_listen: 127.0.0.1:{health_port}\n{node}audit:\n  listen: {audit}\n"
+        # `up`'s authz child and agent health have fixed default ports; tests that want
+        # them use tests/e2e/test_up.py's own config.
+        f'authz:\n  listen: ""\nagent:\n  health_listen: ""\n{extra}'
     )
     return path
 
