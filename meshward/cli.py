@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from cryptography import x509
@@ -34,6 +34,9 @@ from meshward.config import Config, load_config
 from meshward.durations import format_duration, parse_duration
 
 __all__ = ["main"]
+
+if TYPE_CHECKING:
+    from meshward.envoy_bootstrap import Upstream
 
 UP_TRUST_DOMAIN = "example.org"  # the embedded default of `meshward up`
 
@@ -444,6 +447,28 @@ def envoy() -> None:
     help="Reach authz over mTLS and require this SPIFFE ID (authz.tls on the authz side).",
 )
 @click.option(
+    "--outbound-port",
+    type=int,
+    default=15001,
+    show_default=True,
+    help="Where the application sends requests to other workloads (plain HTTP, loopback).",
+)
+@click.option(
+    "--upstream",
+    "upstreams",
+    multiple=True,
+    metavar="NAME=PORT@SPIFFE_ID",
+    help="Route Host NAME to the sidecar on 127.0.0.1:PORT over mTLS; it must present "
+    "SPIFFE_ID (repeat).",
+)
+@click.option("--jwt-issuer", help="Verify end-user bearer tokens of this issuer (jwt_authn).")
+@click.option(
+    "--jwks-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The issuer's JWKS (with --jwt-issuer).",
+)
+@click.option("--access-log", help="Access log path, e.g. /dev/stdout (default: none).")
+@click.option(
     "--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True
 )
 @handle_errors
@@ -458,12 +483,21 @@ def envoy_bootstrap(
     agent_socket: Path,
     authz_port: int,
     authz_spiffe_id: str | None,
+    outbound_port: int,
+    upstreams: tuple[str, ...],
+    jwt_issuer: str | None,
+    jwks_file: Path | None,
+    access_log: str | None,
     fmt: str,
 ) -> None:
-    """Print an inbound sidecar bootstrap: mTLS with SVIDs from the agent, ext_authz to authz."""
+    """Print a sidecar bootstrap: inbound mTLS with SVIDs from the agent and ext_authz to
+    authz, outbound by Host to the --upstream sidecars over mTLS."""
     import yaml
 
-    from meshward.envoy_bootstrap import sidecar_bootstrap
+    from meshward.envoy_bootstrap import JwtIssuer, sidecar_bootstrap
+
+    if (jwt_issuer is None) != (jwks_file is None):
+        raise click.UsageError("--jwt-issuer and --jwks-file go together")
 
     parsed: dict[str, str] = {}
     for label in labels:
@@ -482,11 +516,33 @@ def envoy_bootstrap(
         app_port=app_port,
         inbound_port=inbound_port,
         admin_port=admin_port,
+        outbound_port=outbound_port,
+        upstreams=[_upstream_option(u) for u in upstreams],
+        jwt_issuer=JwtIssuer(jwt_issuer, jwks_file.absolute())
+        if jwt_issuer and jwks_file
+        else None,
+        access_log=access_log,
     )
     if fmt == "json":
         click.echo(json.dumps(bootstrap, indent=2))
     else:
         click.echo(yaml.safe_dump(bootstrap, sort_keys=False), nl=False)
+
+
+def _upstream_option(value: str) -> Upstream:
+    from meshward.envoy_bootstrap import Upstream
+
+    name, _, rest = value.partition("=")
+    port, _, spiffe_id = rest.partition("@")
+    if not name or not port.isdigit() or not spiffe_id:
+        raise click.BadParameter(
+            f"{value!r} is not NAME=PORT@SPIFFE_ID, e.g. "
+            "reviews=15106@spiffe://example.org/ns/default/sa/reviews",
+            param_hint="--upstream",
+        )
+    checked = _spiffe_id_option(spiffe_id, "--upstream")
+    assert checked is not None
+    return Upstream(name, int(port), checked)
 
 
 def _spiffe_id_option(value: str | None, option: str) -> str | None:

@@ -9,17 +9,23 @@ tests run these very shapes; ``meshward envoy bootstrap`` prints :func:`sidecar_
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "AGENT_CLUSTER",
     "AUTHZ_CLUSTER",
+    "JWT_AUTHN_FILTER",
+    "JwtIssuer",
+    "Upstream",
     "agent_cluster",
     "authz_cluster",
     "client_bootstrap",
     "common_tls_context",
     "ext_authz_filter",
+    "jwt_authn_filter",
     "sds_secret",
     "server_bootstrap",
     "sidecar_bootstrap",
@@ -31,6 +37,8 @@ _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_man
 _ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 _HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+_JWT_AUTHN = "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication"
+JWT_AUTHN_FILTER = "envoy.filters.http.jwt_authn"
 _DOWNSTREAM_TLS = (
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
 )
@@ -310,6 +318,144 @@ def server_bootstrap(
     }
 
 
+@dataclass(slots=True, frozen=True)
+class Upstream:
+    """A destination the outbound listener routes to: ``name`` as the Host header."""
+
+    name: str
+    port: int  # the destination sidecar's inbound listener on loopback
+    spiffe_id: str  # what its certificate must name, or the connection is refused
+
+
+@dataclass(slots=True, frozen=True)
+class JwtIssuer:
+    """End-user tokens ``jwt_authn`` verifies (against ``jwks_file``) before ext_authz."""
+
+    issuer: str
+    jwks_file: Path
+    audiences: tuple[str, ...] = ()
+
+
+# Both directions log one line per request, naming the decision that let it through or not.
+_ACCESS_LOG_FORMAT = (
+    "[%START_TIME%] %DOWNSTREAM_PEER_URI_SAN% -> %UPSTREAM_PEER_URI_SAN% "
+    '"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%" %RESPONSE_CODE% %RESPONSE_FLAGS% '
+    "%RESPONSE_CODE_DETAILS% decision=%REQ(X-MESHWARD-DECISION-ID)%%RESP(X-MESHWARD-DECISION-ID)% "
+    "%DURATION%ms\n"
+)
+
+
+def _access_log(path: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": "envoy.access_loggers.file",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                "path": path,
+                "log_format": {"text_format_source": {"inline_string": _ACCESS_LOG_FORMAT}},
+            },
+        }
+    ]
+
+
+def jwt_authn_filter(issuer: JwtIssuer) -> dict[str, Any]:
+    """Verify a bearer token when one is sent; requests without one go on to the policy.
+
+    The verified payload reaches ext_authz as ``jwt_authn`` metadata (``request.auth.*``
+    for Istio policies), and the header stays (``forward``) for Rego's ``io.jwt.decode``.
+    A token that fails verification is refused by Envoy with 401.
+    """
+    provider: dict[str, Any] = {
+        "issuer": issuer.issuer,
+        "local_jwks": {"filename": str(issuer.jwks_file)},
+        "forward": True,
+        "payload_in_metadata": issuer.issuer,
+    }
+    if issuer.audiences:
+        provider["audiences"] = list(issuer.audiences)
+    return {
+        "name": JWT_AUTHN_FILTER,
+        "typed_config": {
+            "@type": _JWT_AUTHN,
+            "providers": {"end_users": provider},
+            "rules": [
+                {
+                    "match": {"prefix": "/"},
+                    "requires": {
+                        "requires_any": {
+                            "requirements": [{"provider_name": "end_users"}, {"allow_missing": {}}]
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def _upstream_cluster(upstream: Upstream) -> dict[str, Any]:
+    name = f"outbound|{upstream.name}"
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": _socket_address("127.0.0.1", upstream.port)}}
+                    ]
+                }
+            ],
+        },
+        "transport_socket": {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": _UPSTREAM_TLS,
+                "sni": upstream.name,
+                # As an Istio sidecar does: the destination must prove it is that service.
+                "common_tls_context": common_tls_context(peer_id=upstream.spiffe_id),
+            },
+        },
+    }
+
+
+def _outbound_listener(
+    port: int, upstreams: Sequence[Upstream], access_log: str | None
+) -> dict[str, Any]:
+    """Plain HTTP from the application on loopback, routed by Host to the upstream sidecars."""
+    hosts = [
+        {
+            "name": u.name,
+            "domains": [u.name, f"{u.name}:*"],
+            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": f"outbound|{u.name}"}}],
+        }
+        for u in upstreams
+    ]
+    manager: dict[str, Any] = {
+        "@type": _HCM,
+        "stat_prefix": "outbound",
+        "route_config": {"name": "outbound", "virtual_hosts": hosts},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}}],
+    }
+    if access_log is not None:
+        manager["access_log"] = _access_log(access_log)
+    return {
+        "name": "outbound",
+        "address": _socket_address("127.0.0.1", port),
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": manager,
+                    }
+                ]
+            }
+        ],
+    }
+
+
 def sidecar_bootstrap(
     *,
     workload: str,
@@ -322,11 +468,18 @@ def sidecar_bootstrap(
     inbound_port: int = 15006,
     admin_port: int = 15000,
     authz_id: str | None = None,
+    outbound_port: int | None = None,
+    upstreams: Sequence[Upstream] = (),
+    jwt_issuer: JwtIssuer | None = None,
+    access_log: str | None = None,
 ) -> dict[str, Any]:
-    """An inbound sidecar: mTLS with the workload's SVID, every request checked by authz.
+    """A sidecar: inbound mTLS with the workload's SVID, every request checked by authz.
 
     Requests that pass go to the application on 127.0.0.1:``app_port``. With ``authz_id``
-    the sidecar reaches authz over mTLS and requires that SPIFFE ID of it.
+    the sidecar reaches authz over mTLS and requires that SPIFFE ID of it. With
+    ``outbound_port`` the application reaches ``upstreams`` through it by Host name, over
+    mTLS, each required to present its SPIFFE ID. ``jwt_issuer`` verifies end-user tokens
+    before the check; ``access_log`` (a path, e.g. /dev/stdout) logs every request.
     """
     tls = {
         "name": "envoy.transport_sockets.tls",
@@ -355,17 +508,27 @@ def sidecar_bootstrap(
         "route": {"cluster": "app"},
         "typed_per_filter_config": workload_extensions(namespace, labels, service),
     }
+    filters = [ext_authz_filter()]
+    if jwt_issuer is not None:
+        filters.insert(0, jwt_authn_filter(jwt_issuer))
+    inbound = _http_listener("inbound", inbound_port, route, tls, filters)
+    if access_log is not None:
+        inbound["filter_chains"][0]["filters"][0]["typed_config"]["access_log"] = _access_log(
+            access_log
+        )
+    listeners = [inbound]
+    if outbound_port is not None:
+        listeners.append(_outbound_listener(outbound_port, upstreams, access_log))
     return {
         "node": _node(workload, None),
         "admin": _admin(admin_port),
         "static_resources": {
-            "listeners": [
-                _http_listener("inbound", inbound_port, route, tls, [ext_authz_filter()])
-            ],
+            "listeners": listeners,
             "clusters": [
                 app,
                 agent_cluster(agent_socket),
                 authz_cluster(authz_port, authz_id=authz_id),
+                *(_upstream_cluster(u) for u in upstreams),
             ],
         },
     }

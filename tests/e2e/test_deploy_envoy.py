@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from meshward.envoy_bootstrap import client_bootstrap, server_bootstrap, sidecar_bootstrap
+from meshward.envoy_bootstrap import (
+    Upstream,
+    client_bootstrap,
+    server_bootstrap,
+    sidecar_bootstrap,
+)
 from tests.e2e.envoys import ENVOY
 from tests.e2e.processes import run_cli
 
@@ -17,7 +22,7 @@ SOCKET = Path("/run/meshward/agent.sock")
 
 
 @pytest.mark.parametrize(
-    "name", ["sidecar-inbound.yaml", "sidecar-outbound.yaml", "sidecar-authz.yaml"]
+    "name", ["sidecar-inbound.yaml", "sidecar-outbound.yaml", "sidecar.yaml"]
 )
 def test_snippet_is_a_valid_envoy_config(name: str) -> None:
     done = subprocess.run(
@@ -58,8 +63,11 @@ def test_snippets_are_the_bootstraps_the_end_to_end_tests_run() -> None:
         authz_port=9191,
         authz_id="spiffe://example.org/meshward/authz",
         app_port=9080,
+        outbound_port=15001,
+        upstreams=[Upstream("ratings", 15006, "spiffe://example.org/ns/default/sa/ratings")],
+        access_log="/dev/stdout",
     )
-    assert yaml.safe_load((DEPLOY / "sidecar-authz.yaml").read_text()) == with_authz
+    assert yaml.safe_load((DEPLOY / "sidecar.yaml").read_text()) == with_authz
 
 
 def test_envoy_bootstrap_command_prints_a_valid_sidecar(tmp_path: Path) -> None:
@@ -92,8 +100,9 @@ def test_envoy_bootstrap_command_prints_a_valid_sidecar(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     bootstrap = yaml.safe_load(printed.stdout)
-    (listener,) = bootstrap["static_resources"]["listeners"]
-    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    inbound, outbound = bootstrap["static_resources"]["listeners"]
+    assert (inbound["name"], outbound["name"]) == ("inbound", "outbound")
+    manager = inbound["filter_chains"][0]["filters"][0]["typed_config"]
     assert [f["name"] for f in manager["http_filters"]] == [
         "envoy.filters.http.ext_authz",
         "envoy.filters.http.router",
