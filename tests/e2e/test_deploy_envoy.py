@@ -21,9 +21,7 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "envoy"
 SOCKET = Path("/run/meshward/agent.sock")
 
 
-@pytest.mark.parametrize(
-    "name", ["sidecar-inbound.yaml", "sidecar-outbound.yaml", "sidecar.yaml"]
-)
+@pytest.mark.parametrize("name", ["sidecar-inbound.yaml", "sidecar-outbound.yaml", "sidecar.yaml"])
 def test_snippet_is_a_valid_envoy_config(name: str) -> None:
     done = subprocess.run(
         [str(ENVOY), "--mode", "validate", "-c", str(DEPLOY / name)],
