@@ -40,7 +40,7 @@ def test_up_serves_the_audit_api_and_page(root: Path) -> None:
         page = httpx.get(f"{base}/", timeout=5)
         assert "meshward audit" in page.text
         assert httpx.get(f"{base}/page/app.js", timeout=5).status_code == 200
-        assert f"audit API and page on http://127.0.0.1:{port}/" in server.stderr
+        assert f"audit           http://127.0.0.1:{port}/  (page, API at /docs)" in server.stdout
 
 
 DENY_DELETE = """\

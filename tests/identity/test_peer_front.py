@@ -20,7 +20,7 @@ import grpc
 import pytest
 
 from identity.peer_front import PeerFront
-from identity.peers import process_start_time
+from identity.peers import Peer, process_start_time
 
 METHOD = "/meshward.test.Who/Am"
 
@@ -119,13 +119,15 @@ def test_caller_in_another_process_as_another_user(stack: Stack) -> None:
         assert proc.stdout is not None
         assert proc.stdout.readline() == "connected\n"
         deadline = time.monotonic() + 10
-        seen = []
+        seen: list[Peer] = []
+        # The tag socket is bound a moment before its peer is recorded (both before the
+        # relay connects upstream, so no call can arrive in between): wait for the record.
         while not seen and time.monotonic() < deadline:
-            seen = [stack.front.lookup(f"unix:{tag}") for tag in stack.tag_dir.iterdir()]
+            tags = list(stack.tag_dir.iterdir())
+            seen = [p for tag in tags if (p := stack.front.lookup(f"unix:{tag}")) is not None]
             time.sleep(0.02)
         assert len(seen) == 1
         peer = seen[0]
-        assert peer is not None
         assert (peer.pid, peer.uid, peer.gid) == (proc.pid, 65534, 65534)
         assert peer.start_time == process_start_time(proc.pid)
     finally:

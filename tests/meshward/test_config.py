@@ -371,7 +371,6 @@ def test_authz_listen_accepts_tcp_and_grpc_unix_addresses(value: str) -> None:
 @pytest.mark.parametrize(
     ("value", "hint"),
     [
-        ("", "is not an address"),
         ("authz", "is not host:port or a Unix socket"),
         ("127.0.0.1:http", "is not host:port or a Unix socket"),
         ("unix:", "names no socket path"),
@@ -383,6 +382,15 @@ def test_authz_listen_refused_names_the_flag(value: str, hint: str) -> None:
     assert message.startswith("config authz.listen: ")
     assert hint in message
     assert message.endswith("(from flag --listen)")
+
+
+def test_authz_listen_empty_turns_authz_off_in_up_and_authz_refuses_it(tmp_path: Path) -> None:
+    from meshward.authz_runtime import run_authz
+
+    config = load_config(None, env={}, flags={"authz.listen": ""})
+    assert config.authz.listen == ""
+    with pytest.raises(ConfigError, match=r'authz\.listen is "" \(off\)'):
+        run_authz(config, policies=tmp_path)
 
 
 def test_authz_tls_needs_the_workload_api_socket(tmp_path: Path) -> None:
