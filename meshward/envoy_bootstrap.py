@@ -512,10 +512,12 @@ def sidecar_bootstrap(
     if jwt_issuer is not None:
         filters.insert(0, jwt_authn_filter(jwt_issuer))
     inbound = _http_listener("inbound", inbound_port, route, tls, filters)
+    manager = inbound["filter_chains"][0]["filters"][0]["typed_config"]
+    # The application learns the caller's verified SPIFFE ID (and nothing a client sent).
+    manager["forward_client_cert_details"] = "SANITIZE_SET"
+    manager["set_current_client_cert_details"] = {"uri": True}
     if access_log is not None:
-        inbound["filter_chains"][0]["filters"][0]["typed_config"]["access_log"] = _access_log(
-            access_log
-        )
+        manager["access_log"] = _access_log(access_log)
     listeners = [inbound]
     if outbound_port is not None:
         listeners.append(_outbound_listener(outbound_port, upstreams, access_log))
