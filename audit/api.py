@@ -34,15 +34,25 @@ from audit.store.database import AuditDatabase
 from audit.store.ingest import COLUMNS, store_errors
 from audit.store.queries import FILTERS, GROUPS, Filters, StoredPolicySet
 
-__all__ = ["EXPORT_COLUMNS", "Explain", "Replay", "ReplayError", "create_audit_app"]
+__all__ = [
+    "EXPORT_COLUMNS",
+    "Explain",
+    "Replay",
+    "ReplayError",
+    "SettingsLookup",
+    "create_audit_app",
+]
 
 T = TypeVar("T")
 PAGE = Path(__file__).parent / "page"
 # explain(record with its request bytes, its policy set if the trail keeps it) → report
 Explain = Callable[[dict[str, Any], StoredPolicySet | None], dict[str, Any]]
-# replay(candidate directory, recorded decisions with their requests, the newest kept set
-# (whose settings stand in for those this server's config lacks)) → report
-Replay = Callable[[str, Iterator[dict[str, Any]], StoredPolicySet | None], dict[str, Any]]
+# The authz settings a policy-set version was served with (None: the trail does not keep them).
+SettingsLookup = Callable[[str], dict[str, Any] | None]
+# replay(candidate directory, recorded decisions with their requests, the settings each
+# decision's policy-set version was served with, at most this many decisions) → report
+# (with ``truncated`` when more matched)
+Replay = Callable[[str, Iterator[dict[str, Any]], SettingsLookup, int], dict[str, Any]]
 # CSV columns: the record's time, its columns, and its lists as space-separated text.
 EXPORT_COLUMNS = ("time", *COLUMNS, "audit_policy_ids", "dry_run_flips")
 _SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 10.0)
@@ -228,6 +238,20 @@ def create_audit_app(
             return {"decision": item | {"request": request_document(item["request"])}}
         return explain(item, stored)
 
+    @api.get(
+        "/policy-sets/{version}",
+        summary="A served policy set: its files and the authz settings it was served with",
+    )
+    def policy_set(version: str) -> dict[str, Any]:
+        stored = run("policy-set", lambda conn: queries.policy_set(conn, version))
+        if stored is None:
+            raise HTTPException(404, f"no policy set {version} in the audit trail")
+        return {
+            "version": stored.version,
+            "files": [name for name, _ in stored.files],
+            "settings": stored.settings,
+        }
+
     @api.get("/aggregates/series", summary="Allowed and denied decisions per time bucket")
     def series(
         filters: Filters = aggregated,
@@ -282,7 +306,9 @@ def create_audit_app(
 
         def records(conn: Connection) -> dict[str, Any]:
             items = queries.iter_decisions(conn, scoped, with_request=True)
-            return replay(policies, _limited(items, limit), queries.policy_set(conn))
+            return replay(
+                policies, items, lambda version: queries.policy_set_settings(conn, version), limit
+            )
 
         report = run("replay", records)
         return report | {"filters": scoped.as_params(), "limit": limit}
@@ -300,13 +326,6 @@ def create_audit_app(
 def _covered(found: queries.Aggregate, filters: Filters) -> dict[str, Any]:
     """The filters asked, and the span the answer covers (rollups widen it)."""
     return {"filters": filters.as_params(), "covers": found.as_dict()}
-
-
-def _limited(items: Iterator[dict[str, Any]], limit: int) -> Iterator[dict[str, Any]]:
-    for n, item in enumerate(items):
-        if n >= limit:
-            return
-        yield item
 
 
 def _not_found(decision_id: str) -> HTTPException:

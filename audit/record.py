@@ -37,8 +37,9 @@ FLIP_TO_ALLOW = "allow"
 class DecisionRecord:
     """One decision as the audit trail keeps it.
 
-    ``status`` is the HTTP status the client got on a denial (403, or a Rego policy's
-    own); None on allow, where the upstream answered. ``policy`` is what decided: an
+    ``status`` is the HTTP status meshward's denial sent (403, or a Rego policy's own);
+    None on allow: ext_authz answers before the upstream does, so only a producer that
+    sees the response (Envoy's access log) could fill it. ``policy`` is what decided: an
     Istio policy ``ns.name`` (``rule`` its rule index, ``policy_id`` Istio's
     ``ns.name[rules[i]]``) or a Rego decision path. ``dry_run_flips`` lists every
     dry-run policy (Istio dry-run ALLOW/DENY, Rego staged packages or global dry-run)

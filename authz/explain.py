@@ -6,9 +6,12 @@ the policy set of the record's version (kept in the audit trail when it was firs
 served) to show what the record leaves out: every AuthorizationPolicy that applied to
 the workload and the first rule of each that matched, the Istio verdict and its
 dry-run shadows, and the Rego decision (its path, package and value). It also says
-whether the re-evaluation reproduces the recorded outcome: it may not when the
-decision read something the trail does not keep (a redacted header, the body), or
-depended on the time.
+whether the re-evaluation reproduces the recorded outcome (verdict, reason and
+status): it may not when the decision depended on the time, and it cannot when the
+policies read something the trail does not keep (a redacted header, the body, a
+redacted query value; the test replay applies). The stored request then lacks the
+value or holds a keyed hash of it, the Rego value and the re-evaluation shown are of
+that request, and ``reevaluated.not_reevaluable`` says why they are not the decision's.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from authz.decision_trace import istio_summary, istio_trace, rego_trace
 from authz.errors import AuthzError
 from authz.policy_store import ServedPolicies
 from authz.rego_provider import RegoSettings
-from authz.replay import Decider
+from authz.replay import Decider, dependencies
 
 __all__ = ["explain"]
 
@@ -103,16 +106,31 @@ def explain(
         sink.records.clear()
         servicer.decide(check)
         (again,) = sink.records
+        rego_ran = again.rego_decision is not None or record.get("rego_decision") is not None
+        why = dependencies(served).reason_not_reevaluable(
+            record.get("redacted") or (), rego=rego_ran
+        )
         out["reevaluated"] = {
             "allowed": again.allowed,
             "reason": again.reason,
+            "status": again.status,
+            "engine": again.engine,
             "policy_id": again.policy_id,
-            "reproduced": again.allowed == bool(record.get("allowed"))
-            and again.reason == record.get("reason"),
+            "reproduced": why is None
+            and again.allowed == bool(record.get("allowed"))
+            and again.reason == record.get("reason")
+            and again.status == record.get("status"),
+            "not_reevaluable": why,
         }
-        if not out["reevaluated"]["reproduced"]:
+        if why is not None:
+            notes.append(
+                f"this decision cannot be made again from the trail: {why}. The stored "
+                "request lacks that value (or holds a keyed hash of it), and what is evaluated "
+                "here is the stored request, not the one decided"
+            )
+        elif not out["reevaluated"]["reproduced"]:
             notes.append(
                 "evaluating the stored request again does not give the recorded decision: "
-                "it depended on something not kept (see redacted) or on the time"
+                "it depended on the time, or on something not kept (see redacted)"
             )
     return out

@@ -15,7 +15,17 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-__all__ = ["V0_MESSAGE", "Annotation", "Call", "ModuleScan", "RegoModule", "Rule", "scan"]
+__all__ = [
+    "V0_MESSAGE",
+    "Annotation",
+    "Call",
+    "ModuleScan",
+    "RegoModule",
+    "RequestReads",
+    "Rule",
+    "request_reads",
+    "scan",
+]
 
 
 @dataclass(slots=True, frozen=True)
@@ -164,6 +174,69 @@ def scan(text: str) -> ModuleScan:
     found.v0 = list(_v0_sites(tokens))
     found.annotations = list(_annotations(comments, tokens))
     return found
+
+
+@dataclass(slots=True, frozen=True)
+class RequestReads:
+    """What of the request a module's references may read beyond names it spells out.
+
+    A reference is followed field by field (``.headers``, ``["headers"]``), whatever it
+    starts from, so an alias (``http_request.headers``) counts like ``input.…``.
+    """
+
+    # A headers object is read other than by a literal name: iterated
+    # (``headers[name]``, ``some v in headers``), passed whole (``object.get(headers, …)``)
+    # or kept in a variable to be read later.
+    any_header: bool = False
+    # A ``path`` field is read: the request's raw path holds its query string too.
+    path: bool = False
+
+
+def request_reads(text: str) -> RequestReads:
+    """What ``text`` (one module) reads of the request; see :class:`RequestReads`."""
+    tokens = [t for t in _tokenize(text)[0] if t.kind != "nl"]
+    any_header = path = False
+    for i in range(1, len(tokens)):
+        after = _field_end(tokens, i)
+        if after is None:
+            continue
+        field_name = _literal(tokens[i])
+        if field_name == "path":
+            path = True
+        elif field_name == "headers" and _field_end(tokens, after + 2) is None:
+            # Not followed by .name or ["name"]: which header it reads is not written.
+            any_header = True
+    return RequestReads(any_header=any_header, path=path)
+
+
+def _field_end(tokens: Sequence[_Token], i: int) -> int | None:
+    """Where the field access whose name is at ``i`` ends (``.name`` at the name,
+    ``["name"]`` at its ``]``), or None when ``i`` is not the name of a field access."""
+    if not 1 <= i < len(tokens):
+        return None
+    token = tokens[i]
+    if token.kind == "ident" and tokens[i - 1].text == ".":
+        return i
+    if (
+        token.kind in ("str", "raw")
+        and tokens[i - 1].text == "["
+        and i + 1 < len(tokens)
+        and tokens[i + 1].text == "]"
+    ):
+        return i + 1
+    return None
+
+
+def _literal(token: _Token) -> str | None:
+    if token.kind == "ident":
+        return token.text
+    if token.kind == "raw":
+        return token.text[1:-1]
+    try:
+        value = json.loads(token.text)
+    except ValueError:
+        return None
+    return value if isinstance(value, str) else None
 
 
 def _statement_starts(tokens: Sequence[_Token]) -> Iterator[int]:

@@ -1,19 +1,28 @@
 """Recorded requests re-evaluated against a candidate policy set: which decisions flip.
 
-Each recorded request snapshot is decided again by the candidate's own servicer (the
-same engines, loader and settings ``meshward authz`` serves with) and compared with
-the recorded outcome. Flips are grouped by direction, the policy (or reason) that
-decides the difference, and the caller.
+Each recorded request snapshot is decided again by a servicer of the candidate (the
+same engines, loader and settings ``meshward authz`` serves with: the caller loads one
+:class:`Candidate` per set of authz settings the decisions were recorded under) and
+compared with the recorded outcome. Flips are grouped by direction, the policy (or
+reason) that decides the difference, and the caller.
 
-A request is not re-evaluated, only counted, when the verdict could depend on
-something the audit trail did not keep:
+A request is not re-evaluated, only counted (by reason), when the verdict could depend
+on something the audit trail did not keep:
 
 - no snapshot was stored (recorded before snapshots existed, or the snapshot failed);
 - a header the record redacted is read by the candidate: an Istio ``when`` on
-  ``request.headers[NAME]``, or a Rego module that names the header (Rego that reads
-  every header without naming one is evaluated against the ``redacted:`` hash);
+  ``request.headers[NAME]``, a Rego module that names the header, or a Rego module that
+  reads headers without spelling out which (``headers[name]``, ``object.get(headers, …)``,
+  the headers object kept in a variable): its value would otherwise be the
+  ``redacted:`` hash, a guess;
 - the body was not kept (or cut) and a Rego module reads a body;
-- a redacted query value and a Rego module that reads the query.
+- a redacted query value and a Rego module that reads the query, or the raw path
+  (``input.attributes.request.http.path`` and ``:path`` hold the query too);
+- the caller could not tell which settings it was decided under (:meth:`Replay.skip`).
+
+Names are looked up in the modules' text, comments included: a module that mentions a
+redacted header anywhere is taken to read it. Counting too much is the safe side;
+a false flip is not.
 
 Rego only matters for requests the candidate sends to Rego (a CUSTOM match, or mode
 ``always``): a decision Istio makes alone is re-evaluated whatever Rego could read.
@@ -33,10 +42,12 @@ from audit.record import DecisionRecord
 from audit.sink import MemorySink
 from authz.istio_policy import Attribute, PolicySet
 from authz.policy_store import ServedPolicies
+from authz.rego_scan import request_reads
 
 __all__ = [
     "ALLOW_TO_DENY",
     "DENY_TO_ALLOW",
+    "Candidate",
     "Dependencies",
     "Replay",
     "dependencies",
@@ -57,8 +68,12 @@ class Dependencies:
 
     istio_headers: frozenset[str]  # request.headers[NAME] in any policy, lowercase
     rego_text: str  # every Rego module, lowercased, to look names up in
+    rego_any_header: bool = False  # some module reads headers it does not name
+    rego_path: bool = False  # some module reads a raw path (query included)
 
     def reason_not_reevaluable(self, redacted: Iterable[str], *, rego: bool) -> str | None:
+        """Why a request with ``redacted`` missing cannot be decided again (None: it can);
+        ``rego``: whether the Rego engine takes part in its decision."""
         for item in redacted:
             kind, _, name = item.partition(":")
             if kind == "request":
@@ -69,6 +84,8 @@ class Dependencies:
                 continue
             if kind == "header" and name in self.rego_text:
                 return f"a Rego module reads header {name}, which is not stored"
+            if kind == "header" and self.rego_any_header:
+                return f"a Rego module reads headers without naming them, and {name} is not stored"
             if kind == "body" and "body" in self.rego_text:
                 return (
                     "a Rego module reads the body, which is not stored"
@@ -77,17 +94,24 @@ class Dependencies:
                 )
             if kind == "query" and ("query" in self.rego_text or (name and name in self.rego_text)):
                 return f"a Rego module reads the query, whose {name or 'value'} is not stored"
+            if kind == "query" and (self.rego_path or ":path" in self.rego_text):
+                return (
+                    f"a Rego module reads the path with its query, whose {name or 'value'} "
+                    "is not stored"
+                )
         return None
 
 
 def dependencies(served: ServedPolicies) -> Dependencies:
+    modules = [
+        raw.decode("utf-8", "replace") for path, raw in served.sources if path.endswith(".rego")
+    ]
+    reads = [request_reads(text) for text in modules]
     return Dependencies(
         istio_headers=_istio_headers(served.istio),
-        rego_text="\n".join(
-            raw.decode("utf-8", "replace").lower()
-            for path, raw in served.sources
-            if path.endswith(".rego")
-        ),
+        rego_text="\n".join(text.lower() for text in modules),
+        rego_any_header=any(r.any_header for r in reads),
+        rego_path=any(r.path for r in reads),
     )
 
 
@@ -111,23 +135,43 @@ class _Group:
     examples: list[dict[str, Any]] = field(default_factory=list)
 
 
-@dataclass(slots=True)
-class Replay:
-    """Feed recorded decisions with ``add``; ``report`` says what flipped."""
+@dataclass(slots=True, frozen=True)
+class Candidate:
+    """The candidate set loaded under one set of authz settings, deciding into ``sink``."""
 
     servicer: Decider
     sink: MemorySink
     served: ServedPolicies
+
+
+@dataclass(slots=True)
+class Replay:
+    """Feed recorded decisions with ``add`` (or ``skip``); ``report`` says what flipped.
+
+    ``notes`` are printed with the report (settings that differ from those recorded);
+    ``truncated`` says that more decisions matched than were fed.
+    """
+
     directory: str
+    version: str | None = None  # the candidate's policy-set version, once one decided
     max_examples: int = 3
     considered: int = 0
     reevaluated: int = 0
     flips: Counter[str] = field(default_factory=Counter)
     not_reevaluable: Counter[str] = field(default_factory=Counter)
+    notes: list[str] = field(default_factory=list)
+    limit: int | None = None
+    truncated: bool = False
     _groups: dict[tuple[str, str, str | None], _Group] = field(default_factory=dict)
-    _deps: Dependencies | None = None
+    _deps: dict[str, Dependencies] = field(default_factory=dict)
 
-    def add(self, recorded: Mapping[str, Any], request: bytes | None) -> None:
+    def skip(self, reason: str) -> None:
+        """Count a recorded decision as not re-evaluable, for ``reason``."""
+        self.considered += 1
+        self.not_reevaluable[reason] += 1
+
+    def add(self, recorded: Mapping[str, Any], request: bytes | None, candidate: Candidate) -> None:
+        """Decide ``recorded``'s request (its snapshot bytes) again with ``candidate``."""
         self.considered += 1
         if not request:
             self.not_reevaluable["no request snapshot was stored"] += 1
@@ -137,14 +181,17 @@ class Replay:
         except DecodeError:
             self.not_reevaluable["the request snapshot does not decode"] += 1
             return
-        self.sink.records.clear()
-        self.sink.requests.clear()
-        self.servicer.decide(check)
-        (now,) = self.sink.records
-        if self._deps is None:
-            self._deps = dependencies(self.served)
+        sink = candidate.sink
+        sink.records.clear()
+        sink.requests.clear()
+        candidate.servicer.decide(check)
+        (now,) = sink.records
+        self.version = candidate.served.version
+        deps = self._deps.get(candidate.served.version)
+        if deps is None:
+            deps = self._deps[candidate.served.version] = dependencies(candidate.served)
         rego = now.rego_decision is not None or recorded.get("rego_decision") is not None
-        why = self._deps.reason_not_reevaluable(recorded.get("redacted") or (), rego=rego)
+        why = deps.reason_not_reevaluable(recorded.get("redacted") or (), rego=rego)
         if why is not None:
             self.not_reevaluable[why] += 1
             return
@@ -170,8 +217,11 @@ class Replay:
         groups = sorted(self._groups.values(), key=lambda g: (g.direction, -g.count, g.policy))
         return {
             "policies": self.directory,
-            "version": self.served.version,
+            "version": self.version,
             "considered": self.considered,
+            "limit": self.limit,
+            "truncated": self.truncated,
+            "notes": list(self.notes),
             "reevaluated": self.reevaluated,
             "unchanged": self.reevaluated - sum(self.flips.values()),
             "flips": {
@@ -208,8 +258,16 @@ def _example(recorded: Mapping[str, Any], now: DecisionRecord) -> dict[str, Any]
             "allowed": bool(recorded["allowed"]),
             "reason": recorded.get("reason"),
             "policy_id": recorded.get("policy_id"),
+            "engine": recorded.get("engine"),
+            "status": recorded.get("status"),
         },
-        "now": {"allowed": now.allowed, "reason": now.reason, "policy_id": now.policy_id},
+        "now": {
+            "allowed": now.allowed,
+            "reason": now.reason,
+            "policy_id": now.policy_id,
+            "engine": now.engine,
+            "status": now.status,
+        },
     }
 
 
@@ -222,6 +280,12 @@ def report_text(report: Mapping[str, Any]) -> str:
         f"  re-evaluated {report['reevaluated']}: {report['unchanged']} unchanged, "
         f"{flips[ALLOW_TO_DENY]} allow→deny, {flips[DENY_TO_ALLOW]} deny→allow",
     ]
+    if report.get("truncated"):
+        lines.append(
+            f"  stopped at the limit of {report['limit']}: more recorded decisions match "
+            "(narrow the filters, or raise --limit)"
+        )
+    lines += [f"  note: {note}" for note in report.get("notes") or ()]
     skipped = report["not_reevaluable"]
     if skipped:
         lines.append(f"  not re-evaluated {sum(skipped.values())}:")

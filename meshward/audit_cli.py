@@ -4,7 +4,9 @@
 ``explain`` ask that API (``--audit-url``, default ``http://<audit.listen>``, env
 ``MESHWARD_AUDIT_URL``); ``ship`` drains a spool. ``policy replay`` fetches recorded
 decisions from the API and re-evaluates them here, against a local candidate
-directory, with this machine's config: what a CI job of a policy repository runs.
+directory, under the authz settings each decision was recorded with (fetched from the
+API; this machine's config only where the trail does not keep them, flags over both):
+what a CI job of a policy repository runs.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import click
 import httpx
@@ -81,6 +84,7 @@ class _Api:
     def __init__(self, config: Config, url: str | None) -> None:
         self.base = (url or f"http://{config.audit.listen}").rstrip("/")
         self._client = httpx.Client(base_url=self.base, timeout=_TIMEOUT)
+        self._settings: dict[str, dict[str, Any] | None] = {}
 
     def __enter__(self) -> _Api:
         return self
@@ -98,6 +102,13 @@ class _Api:
                 "running? (set --audit-url or MESHWARD_AUDIT_URL)"
             ) from exc
         return self._checked(response).json()
+
+    def get_if_found(self, path: str) -> Any | None:
+        """``get``, or None when the API answers 404 (that, or an older API without it)."""
+        try:
+            return self.get(path)
+        except _NotFound:
+            return None
 
     def lines(self, path: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
         try:
@@ -119,7 +130,19 @@ class _Api:
             message = body.get("error") or body.get("detail") or response.text
         except ValueError:
             message = response.text
-        raise AuditError(f"audit API: {message} (HTTP {response.status_code})")
+        error = _NotFound if response.status_code == 404 else AuditError
+        raise error(f"audit API: {message} (HTTP {response.status_code})")
+
+    def settings_of(self, version: str) -> dict[str, Any] | None:
+        """The authz settings policy-set ``version`` was served with (None: not kept)."""
+        if version not in self._settings:
+            found = self.get_if_found(f"/v1/policy-sets/{quote(version, safe='')}")
+            self._settings[version] = found.get("settings") if found else None
+        return self._settings[version]
+
+
+class _NotFound(AuditError):
+    """The API answered 404."""
 
 
 @click.group("audit", invoke_without_command=True)
@@ -312,9 +335,19 @@ def explain(
 )
 @_url_option
 @_filter_options
-@click.option("--limit", type=click.IntRange(1), default=100_000, show_default=True)
+@click.option(
+    "--limit",
+    type=click.IntRange(1),
+    default=100_000,
+    show_default=True,
+    help="Replay at most this many decisions, the newest; the report says when more match.",
+)
 @click.option("--fail-on-flip", is_flag=True, help="Exit 1 when any decision would flip.")
-@click.option("--trust-domain", help="Trust domain (env MESHWARD_TRUST_DOMAIN).")
+@click.option(
+    "--trust-domain",
+    help="Replay under this trust domain instead of the one each decision was recorded "
+    "under (the report notes the difference).",
+)
 @handle_errors
 def policy_replay(
     config_path: Path | None,
@@ -330,9 +363,11 @@ def policy_replay(
     """Re-evaluate recorded decisions (default: the last 24 h) against --policies.
 
     Reports every decision that would flip (allow→deny, deny→allow), grouped by the
-    policy that decides the difference and by caller, with examples. Requests the
-    trail kept too little of to decide again (a redacted header the candidate reads)
-    are counted, not guessed.
+    policy that decides the difference and by caller, with examples. Each decision is
+    decided under the authz settings it was recorded with (trust domain, root
+    namespace, Rego decision and mode), as the audit trail keeps them; this machine's
+    config stands in where it does not. Requests the trail kept too little of to decide
+    again (a redacted header the candidate reads) are counted, not guessed.
     """
     from authz.errors import PolicyLoadError
     from authz.replay import report_text
@@ -341,16 +376,24 @@ def policy_replay(
     params = _filter_params(filters)
     params.setdefault("since", "24h")
     config = config_from(config_path, data_dir=data_dir, trust_domain=trust_domain)
-    if config.trust_domain is None:
-        config = config.model_copy(update={"trust_domain": "cluster.local"})
+    # Only a flag overrides what was recorded: a config file's or the environment's
+    # trust domain is for decisions whose settings the trail does not keep.
+    overrides = {"trust_domain": config.trust_domain} if trust_domain else {}
     if not directory.is_dir():
         raise click.BadParameter(f"{directory} is not a directory", param_hint="--policies")
     with _Api(config, audit_url) as api:
         decisions = _decoded(
-            api.lines("/v1/decisions/export", {**params, "include_request": "true"}), limit
+            api.lines("/v1/decisions/export", {**params, "include_request": "true"})
         )
         try:
-            report = replay_decisions(config, directory, decisions)
+            report = replay_decisions(
+                config,
+                directory,
+                decisions,
+                recorded=api.settings_of,
+                overrides=overrides,
+                limit=limit,
+            )
         except PolicyLoadError as exc:
             click.echo("\n".join(f"error: {i}" for i in exc.issues), err=True)
             sys.exit(1)
@@ -359,10 +402,8 @@ def policy_replay(
         sys.exit(1)
 
 
-def _decoded(items: Iterator[dict[str, Any]], limit: int) -> Iterator[dict[str, Any]]:
-    for n, item in enumerate(items):
-        if n >= limit:
-            return
+def _decoded(items: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for item in items:
         blob = item.get("request")
         item["request"] = base64.b64decode(blob) if blob else None
         yield item
@@ -436,23 +477,30 @@ def _explanation(report: dict[str, Any]) -> str:
             + (f", decided by {istio['policy_id']}" if istio["policy_id"] else "")
         )
         lines += shadow_lines(istio)
+    again = report.get("reevaluated")
+    # Values evaluated on a request that lacks what the policies read are not the decision's.
+    unlike = " of the stored request" if again and again.get("not_reevaluable") else ""
     rego = report.get("rego")
     if rego is not None:
         lines += ["", "Rego", f"  decision {rego['decision']} (package {rego['package']})"]
+        if d.get("rego_result") is not None:
+            lines.append(f"  recorded: {json.dumps(d['rego_result'], sort_keys=True)}")
         for key, label in (("result", "value"), ("shadow", "with dry-run packages")):
             value = rego.get(key)
             if value is not None:
-                lines.append(f"  {label}: {json.dumps(value, sort_keys=True)}")
+                lines.append(f"  {label}{unlike}: {json.dumps(value, sort_keys=True)}")
     elif d.get("rego_decision"):
         lines += ["", "Rego", f"  decision {d['rego_decision']}: {d.get('rego_result')}"]
     if d["dry_run_flips"]:
         lines += ["", "Dry-run policies that would have changed it"]
         lines += [f"  {f['engine']} {f['policy']} → {f['to']}" for f in d["dry_run_flips"]]
-    again = report.get("reevaluated")
     if again is not None:
         verdict = "allowed" if again["allowed"] else "denied"
-        same = "the same as recorded" if again["reproduced"] else "NOT what was recorded"
-        lines += ["", f"evaluated again: {verdict} ({again['reason']}), {same}"]
+        if again.get("not_reevaluable"):
+            same = "not comparable (see the note)"
+        else:
+            same = "the same as recorded" if again["reproduced"] else "NOT what was recorded"
+        lines += ["", f"evaluated again{unlike}: {verdict} ({again['reason']}), {same}"]
     if report.get("notes"):
         lines += ["", *(f"note: {n}" for n in report["notes"])]
     return "\n".join(lines)

@@ -1,32 +1,47 @@
 """``explain`` and ``replay`` wired to the engines: recorded policy sets and candidates.
 
-The audit trail keeps the files of every policy set the authz processes served. To
-explain a decision, its set is written to a private temporary directory and loaded
-through the same harness ``meshward policy test`` uses (the store and servicer of
-``meshward authz``, with this process's config); sets are cached by version. A
-replay loads the candidate directory the same way.
+The audit trail keeps the files of every policy set the authz processes served, and the
+authz settings each was served with (trust domain and aliases, root namespace, the Rego
+decision and mode…). To explain a decision, its set is written to a private temporary
+directory and loaded through the same harness ``meshward policy test`` uses (the store
+and servicer of ``meshward authz``) under those settings; sets are cached by version.
+
+A replay loads the candidate directory the same way, once per set of settings the
+replayed decisions were recorded under, so that a decision is decided again as the
+server that made it would decide with the candidate: this machine's config supplies
+only what the trail does not keep, and explicit flags override (saying so in the
+report). A principal matched under another trust domain, or Rego run in another mode,
+would otherwise flip decisions the candidate does not change.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from audit.api import Explain, Replay, ReplayError
+from audit.api import Explain, Replay, ReplayError, SettingsLookup
 from audit.store.queries import StoredPolicySet
 from authz.errors import PolicyLoadError
 from authz.explain import explain
 from authz.rego_provider import RegoSettings
+from authz.replay import Candidate
 from authz.replay import Replay as Replayer
-from meshward.authz_audit import with_settings
+from meshward.authz_audit import served_settings, with_settings
 from meshward.config import Config
 from meshward.policy_runner import Harness, load_harness
 
-__all__ = ["PolicySets", "explainer", "replay_decisions", "replayer"]
+__all__ = ["NO_SETTINGS", "PolicySets", "explainer", "replay_decisions", "replayer"]
+
+# Why a decision is counted, not replayed, when nothing says which trust domain to use.
+NO_SETTINGS = (
+    "the audit trail does not keep the settings it was decided under, and no trust domain "
+    "is configured here (give --trust-domain, or set trust_domain)"
+)
 
 _CACHED_SETS = 8
 
@@ -97,15 +112,115 @@ def explainer(config: Config) -> Explain:
     return run
 
 
+class _Candidates:
+    """The candidate directory loaded under the settings of each recorded policy set."""
+
+    def __init__(
+        self,
+        config: Config,
+        directory: Path,
+        recorded: SettingsLookup | None,
+        overrides: Mapping[str, Any],
+    ) -> None:
+        self._config = config
+        self._directory = directory
+        self._recorded = recorded
+        self._overrides = dict(overrides)
+        self._loaded: dict[str, Candidate] = {}  # by the settings, as JSON
+        self._versions: dict[str | None, tuple[Candidate | None, str | None]] = {}
+
+    def for_version(self, version: str | None) -> tuple[Candidate | None, str | None]:
+        """The candidate to decide a decision of policy set ``version`` with (None: no
+        trust domain is known for it), and a note when its settings are not the recorded."""
+        found = self._versions.get(version)
+        if found is None:
+            found = self._versions[version] = self._resolve(version)
+        return found
+
+    def _resolve(self, version: str | None) -> tuple[Candidate | None, str | None]:
+        settings = self._recorded(version) if version and self._recorded else None
+        note: str | None = None
+        if settings:
+            base = with_settings(self._config, dict(settings))
+        else:
+            base = self._config
+            if base.trust_domain is not None or self._overrides:
+                what = f"policy set {version}" if version else "no policy-set version"
+                note = (
+                    f"the audit trail does not keep the settings of {what}: its decisions were "
+                    "replayed with this machine's config"
+                )
+        effective = with_settings(base, self._overrides)
+        if effective.trust_domain is None:
+            return None, None
+        if settings:
+            recorded, now = served_settings(base), served_settings(effective)
+            changed = [
+                f"{key} {json.dumps(now[key])} (given), not {json.dumps(recorded[key])}"
+                for key in self._overrides
+                if recorded.get(key) != now.get(key)
+            ]
+            if changed:
+                note = (
+                    f"replayed with {', '.join(changed)} as policy set {version} was served "
+                    "with: flips may come from that change, not from the policies"
+                )
+        return self.load(effective), note
+
+    def load(self, config: Config) -> Candidate:
+        key = json.dumps(served_settings(config), sort_keys=True)
+        candidate = self._loaded.get(key)
+        if candidate is None:
+            loaded = load_harness(config, self._directory)
+            candidate = self._loaded[key] = Candidate(loaded.servicer, loaded.sink, loaded.served)
+        return candidate
+
+    def any_loaded(self) -> bool:
+        return bool(self._loaded)
+
+    def fallback(self) -> Config:
+        """The config to check that the candidate loads when no decision loaded it."""
+        config = with_settings(self._config, self._overrides)
+        if config.trust_domain is None:
+            # Only to check that it loads and to name its version: nothing is decided.
+            config = with_settings(config, {"trust_domain": "cluster.local"})
+        return config
+
+
 def replay_decisions(
-    config: Config, directory: Path, decisions: Iterable[Mapping[str, Any]]
+    config: Config,
+    directory: Path,
+    decisions: Iterable[Mapping[str, Any]],
+    *,
+    recorded: SettingsLookup | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    limit: int | None = None,
 ) -> dict[str, Any]:
     """Replay ``decisions`` (each with ``request``: snapshot bytes or None) against
-    ``directory``; raises PolicyLoadError when it does not load."""
-    loaded = load_harness(config, directory)
-    replay = Replayer(loaded.servicer, loaded.sink, loaded.served, str(directory))
-    for decision in decisions:
-        replay.add(decision, decision.get("request"))
+    ``directory``, at most ``limit`` of them (the report says when more were there).
+
+    Each decision is decided under the authz settings its policy-set version was
+    served with (``recorded``; None: not kept), ``overrides`` over them (explicit flags,
+    keyed as ``served_settings`` keys them); ``config`` stands in for settings the trail
+    does not keep. Raises PolicyLoadError when the candidate does not load.
+    """
+    candidates = _Candidates(config, directory, recorded, overrides or {})
+    replay = Replayer(str(directory), limit=limit)
+    notes: collections.Counter[str] = collections.Counter()
+    for n, decision in enumerate(decisions):
+        if limit is not None and n >= limit:
+            replay.truncated = True
+            break
+        candidate, note = candidates.for_version(decision.get("policy_set_version"))
+        if candidate is None:
+            replay.skip(NO_SETTINGS)
+            continue
+        if note is not None:
+            notes[note] += 1
+        replay.add(decision, decision.get("request"), candidate)
+    if not candidates.any_loaded():
+        replay.version = candidates.load(candidates.fallback()).served.version
+    replay.notes += [f"{note} ({count} decisions)" for note, count in notes.items()]
     return replay.report()
 
 
@@ -114,7 +229,10 @@ def replayer(config: Config, roots: list[Path]) -> Replay:
     allowed = [root.resolve() for root in roots]
 
     def run(
-        policies: str, decisions: Iterator[dict[str, Any]], latest: StoredPolicySet | None
+        policies: str,
+        decisions: Iterator[dict[str, Any]],
+        recorded: SettingsLookup,
+        limit: int,
     ) -> dict[str, Any]:
         directory = Path(policies).resolve()
         if not allowed:
@@ -131,14 +249,10 @@ def replayer(config: Config, roots: list[Path]) -> Replay:
             )
         if not directory.is_dir():
             raise ReplayError(f"{policies} is not a directory (a policy repository)")
-        # This server's config decides; what it lacks comes from the newest served set.
-        settings = config if config.trust_domain or latest is None else None
+        # Each decision under the settings it was recorded with; this server's config
+        # only where the trail does not keep them.
         try:
-            return replay_decisions(
-                settings or with_settings(config, latest.settings if latest else {}),
-                directory,
-                decisions,
-            )
+            return replay_decisions(config, directory, decisions, recorded=recorded, limit=limit)
         except PolicyLoadError as exc:
             raise ReplayError(f"the policies in {policies} do not load:\n{exc}") from exc
 

@@ -312,7 +312,9 @@ async function showExplanation(id) {
   }
   if (report.reevaluated) {
     const again = report.reevaluated;
-    parts.push(el("p", { id: "explain-reevaluated" }, `evaluated again: ${again.allowed ? "allowed" : "denied"} (${again.reason}), ${again.reproduced ? "the same as recorded" : "NOT what was recorded"}`));
+    const same = again.not_reevaluable ? "not comparable (see the note)" : again.reproduced ? "the same as recorded" : "NOT what was recorded";
+    const of = again.not_reevaluable ? " of the stored request" : "";
+    parts.push(el("p", { id: "explain-reevaluated" }, `evaluated again${of}: ${again.allowed ? "allowed" : "denied"} (${again.reason}), ${same}`));
   }
   for (const note of report.notes || []) parts.push(el("p", { class: "note" }, note));
   if (report.request) {
@@ -388,8 +390,11 @@ async function runReplay(event) {
     el("td", {}, g.examples.map((ex) => [decisionLink(ex.decision_id), ` ${ex.method || ""} ${ex.path || ""} `])),
   )), "nothing would flip");
   const why = Object.entries(report.not_reevaluable).map(([reason, n]) => el("li", {}, `${n}: ${reason}`));
+  const notes = (report.notes || []).map((note) => el("p", { class: "note" }, note));
   result.replaceChildren(
     el("p", {}, `policy set ${report.version} from `, el("code", {}, report.policies)),
+    report.truncated ? el("p", { class: "note", id: "replay-truncated" }, `stopped at the limit of ${report.limit}: more recorded decisions match (narrow the filters, or raise the limit)`) : "",
+    ...notes,
     summary, groups,
     why.length ? el("ul", { class: "hint" }, why) : "",
   );

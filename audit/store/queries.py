@@ -54,6 +54,7 @@ __all__ = [
     "iter_decisions",
     "list_decisions",
     "policy_set",
+    "policy_set_settings",
     "series",
     "top",
 ]
@@ -80,7 +81,7 @@ FILTERS: dict[str, str] = {
     "service": "the destination service",
     "method": "the HTTP method",
     "path_prefix": "paths starting with this",
-    "status": "the HTTP status the client got (denials)",
+    "status": "the HTTP status of a denial (allowed decisions have none)",
     "dry_run_flip": "true: only decisions some dry-run policy would have changed",
     "decision_id": "one decision",
     "version": "decided by this policy-set version",
@@ -351,6 +352,16 @@ def policy_set(conn: Connection, version: str | None = None) -> StoredPolicySet 
     if row is None:
         return None
     return StoredPolicySet(row.version, policy_set_files(row.files), orjson.loads(row.settings))
+
+
+def policy_set_settings(conn: Connection, version: str) -> dict[str, Any] | None:
+    """The authz settings policy-set ``version`` was served with (None: not kept; sets
+    kept before settings were are ``{}``)."""
+    row = conn.execute(select(_SETS.settings).where(_SETS.version == version)).first()
+    if row is None:
+        return None
+    settings: dict[str, Any] = orjson.loads(row.settings)
+    return settings
 
 
 # -- aggregates ------------------------------------------------------------------------

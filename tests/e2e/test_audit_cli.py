@@ -1,4 +1,5 @@
-"""`meshward audit query|tail|explain|ship` against a real `meshward audit` and store."""
+"""`meshward audit query|tail|explain|ship` and `meshward policy replay` against a real
+`meshward audit` and store."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ from pathlib import Path
 
 from audit.record import DecisionRecord
 from audit.spool import SpoolWriter
-from tests.audit.decided import decide_into_store
+from tests.audit.decided import (
+    ADMIN_REQUESTS,
+    SETTINGS_FLAGS,
+    SETTINGS_REQUESTS,
+    decide_into_store,
+    settings_policies,
+)
 from tests.audit.records import make_record
 from tests.e2e.audit_trail import AuditTrail
 from tests.e2e.processes import free_port, run_cli, running_audit
@@ -74,3 +81,45 @@ def test_ship_once_drains_the_spool_of_an_authz_that_is_gone(tmp_path: Path) -> 
     # Again: nothing new, nothing twice.
     run_cli("audit", "ship", "--once", "--data-dir", data).ok()
     assert len(AuditTrail(data).records()) == 25
+
+
+def test_replay_uses_the_recorded_settings_and_explain_shows_rego(tmp_path: Path) -> None:
+    """`policy replay` on a machine with no config decides each decision under the
+    settings it was recorded with (fetched from the API), says when a flag overrides
+    them and when --limit cut it short; `audit explain` names the Rego decision."""
+    data = tmp_path / "data"
+    policies = settings_policies(tmp_path / "policies")
+    decide_into_store(policies, data, SETTINGS_REQUESTS, flags=SETTINGS_FLAGS)
+    admin = decide_into_store(POLICIES, data, ADMIN_REQUESTS)
+    with running_audit(data, tmp_path / "audit.log") as audit:
+        url = ["--audit-url", audit.url]
+        replay: list[str | Path] = [
+            *("policy", "replay", "--policies", policies, "--workload", "api"),
+            *url,
+        ]
+        # Under this machine's defaults (no alias, Rego only for CUSTOM) every one of
+        # these would flip; under the recorded settings none does.
+        same = run_cli(*replay, "--fail-on-flip").ok().stdout
+        assert "re-evaluated 5: 5 unchanged, 0 allow→deny, 0 deny→allow" in same, same
+        assert "note:" not in same, same
+        assert "stopped at the limit" not in same, same
+        overridden = run_cli(*replay, "--trust-domain", "cluster.local", "--output", "json").json()
+        assert overridden["flips"] == {"allow_to_deny": 3, "deny_to_allow": 0}
+        (note,) = overridden["notes"]
+        assert 'replayed with trust_domain "cluster.local" (given), not "example.org"' in note
+        cut = run_cli(*replay, "--limit", "2").ok().stdout
+        assert "replayed 2 recorded decisions" in cut, cut
+        assert "stopped at the limit of 2: more recorded decisions match" in cut, cut
+
+        no_token = admin[5]  # Rego's 401, decided on what the trail keeps
+        text = run_cli("audit", "explain", no_token.decision_id, *url).ok().stdout
+        assert "decision data.envoy.authz.allow (package envoy.authz)" in text, text
+        assert "CUSTOM           default.admin-rego" in text, text
+        assert "evaluated again: denied (denied_by_policy), the same as recorded" in text, text
+        on_token = admin[3]  # Rego's 403 for bob, decided on his token
+        text = run_cli("audit", "explain", on_token.decision_id, *url).ok().stdout
+        assert '  recorded: {"allowed": false, "http_status": 403' in text, text
+        assert "  value of the stored request: " in text, text
+        assert "evaluated again of the stored request: denied" in text, text
+        assert "not comparable (see the note)" in text, text
+        assert "a Rego module reads header authorization, which is not stored" in text, text
