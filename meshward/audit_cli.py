@@ -458,7 +458,8 @@ def _explanation(report: dict[str, Any]) -> str:
         f"to         {d['destination_namespace']}/{d['destination_workload'] or '-'}"
         + (f" service {d['destination_service']}" if d.get("destination_service") else "")
         + (f" port {d['destination_port']}" if d.get("destination_port") else ""),
-        f"request    {d['method'] or ''} {d['host'] or ''}{d['path'] or ''}",
+        f"request    {d['method'] or ''} {d['path'] or ''}"
+        + (f"  (host {d['host']})" if d["host"] else ""),
     ]
     policy_set = report["policy_set"]
     kept = f"kept, {len(policy_set['files'])} files" if policy_set["kept"] else "not kept"
