@@ -87,7 +87,7 @@ def _check(result: dict[str, object], mode: str) -> None:
     assert result["returncode"] == 0, output
     assert "failed requests that were not policy denials: 0" in output
     assert "meshward audit explain" in output
-    assert "decided by default.admin-rego" in output
+    assert "decided by default.ratings-deny-writes[rules[0]]" in output
     # The candidate enforces the staged reviews-require-trace: exactly the frontend's
     # untraced reviews calls flip, and the partner's denials before the change.
     assert f"{before + after} allow→deny" in output, output
