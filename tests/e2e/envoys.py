@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from meshward.demo.sidecar import envoy_command
 from meshward.envoy_bootstrap import client_bootstrap
 
 __all__ = [
@@ -63,19 +64,7 @@ def launch(
     admin_path = home / f"{name}.admin"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [
-                str(ENVOY),
-                "-c",
-                str(config),
-                "--admin-address-path",
-                str(admin_path),
-                # A base id of its own: Envoys on one host must not share hot-restart memory.
-                "--use-dynamic-base-id",
-                "--concurrency",
-                "1",
-                "-l",
-                "warning",
-            ],
+            envoy_command(ENVOY, config, admin_path),
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=home,
