@@ -19,6 +19,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 
+from identity.handshake_offload import HandshakeOffload
 from identity.peer_front import PeerFront
 from identity.sds import SecretDiscoveryServicer, add_sds_servicer
 from identity.workload_api import JwtSigner, WorkloadAPI
@@ -41,6 +42,7 @@ class AgentEndpoints:
         source: WorkloadSource,
         sign_jwt: JwtSigner,
         disable_spiffe_cert_validation: bool = False,
+        offload: HandshakeOffload | None = None,
     ) -> None:
         self.socket = socket
         self._private_dir = private_dir
@@ -50,7 +52,10 @@ class AgentEndpoints:
         self._source = source
         self._sign_jwt = sign_jwt
         self.sds = SecretDiscoveryServicer(
-            self.attestor, source, disable_spiffe_cert_validation=disable_spiffe_cert_validation
+            self.attestor,
+            source,
+            disable_spiffe_cert_validation=disable_spiffe_cert_validation,
+            offload=offload,
         )
         self._server: grpc.aio.Server | None = None
         self.health = health_aio.HealthServicer()

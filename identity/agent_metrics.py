@@ -8,22 +8,29 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from identity.handshake_offload import HandshakeOffload
+from identity.key_provider_config import KeyProvider
 from identity.sds import SdsStats
 from identity.workload_cache import WorkloadCache
 
 __all__ = ["agent_registry"]
 
 
-def agent_registry(cache: WorkloadCache, sds: SdsStats) -> CollectorRegistry:
+def agent_registry(
+    cache: WorkloadCache, sds: SdsStats, offload: HandshakeOffload | None = None
+) -> CollectorRegistry:
     registry = CollectorRegistry()
-    registry.register(_AgentCollector(cache, sds))
+    registry.register(_AgentCollector(cache, sds, offload))
     return registry
 
 
 class _AgentCollector(Collector):
-    def __init__(self, cache: WorkloadCache, sds: SdsStats) -> None:
+    def __init__(
+        self, cache: WorkloadCache, sds: SdsStats, offload: HandshakeOffload | None
+    ) -> None:
         self._cache = cache
         self._sds = sds
+        self._offload = offload
 
     def collect(self) -> Iterable[Metric]:
         yield GaugeMetricFamily(
@@ -47,3 +54,45 @@ class _AgentCollector(Collector):
             ),
         ):
             yield CounterMetricFamily(name, help_text, value=value)
+        if self._offload is not None:
+            yield from self._offload_metrics(self._offload)
+
+    @staticmethod
+    def _offload_metrics(offload: HandshakeOffload) -> Iterable[Metric]:
+        host = offload.host
+        usable = GaugeMetricFamily(
+            "meshward_agent_handshake_accelerator",
+            "1 if this host's accelerator is usable by an Envoy built with its key provider",
+            labels=["accelerator"],
+        )
+        usable.add_metric([KeyProvider.QAT.value], int(host.qat.usable))
+        usable.add_metric([KeyProvider.CRYPTOMB.value], int(host.cryptomb.usable))
+        yield usable
+        yield GaugeMetricFamily(
+            "meshward_agent_qat_endpoints",
+            "QAT virtual functions bound to vfio-pci that Envoy can open",
+            value=len(host.qat.endpoints),
+        )
+        yield GaugeMetricFamily(
+            "meshward_agent_qatlib",
+            "1 if qatlib's shared libraries are installed (Envoy links its own copy)",
+            value=int(bool(host.qat.qatlib)),
+        )
+        envoys = GaugeMetricFamily(
+            "meshward_sds_envoys",
+            "Envoys seen over SDS, by the private key provider their TLS certificates carry "
+            "now (none: plain)",
+            labels=["key_provider"],
+        )
+        for provider, count in offload.envoys_by_provider().items():
+            envoys.add_metric([provider], count)
+        yield envoys
+        fallbacks = CounterMetricFamily(
+            "meshward_sds_key_provider_fallbacks",
+            "Envoys that rejected a TLS certificate carrying a private key provider and "
+            "were sent plain certificates instead",
+            labels=["key_provider"],
+        )
+        for provider in KeyProvider:
+            fallbacks.add_metric([provider.value], offload.fallbacks[provider])
+        yield fallbacks

@@ -22,6 +22,7 @@ __all__ = [
     "check_public_key",
     "generate_key",
     "jwt_algorithm",
+    "key_type_of",
     "load_private_key",
     "load_public_key",
     "signature_hash",
@@ -46,6 +47,13 @@ def generate_key(key_type: KeyType) -> PrivateKey:
             return ec.generate_private_key(ec.SECP384R1())
         case KeyType.RSA_2048:
             return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def key_type_of(key: PrivateKey) -> KeyType | None:
+    """The KeyType a key was generated as; None for a shape generate_key never makes."""
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return {"secp256r1": KeyType.EC_P256, "secp384r1": KeyType.EC_P384}.get(key.curve.name)
+    return KeyType.RSA_2048 if key.key_size == 2048 else None
 
 
 def signature_hash(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384:

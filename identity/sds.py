@@ -20,6 +20,14 @@ and Envoy older than 1.18 (no SPIFFE validator) gets plain ``trusted_ca`` too. `
 then fails: merging several trust domains' roots into one ``trusted_ca`` would drop that
 separation, so, as in SPIRE, it is refused.
 
+TLS certificates may carry a private key provider (Intel QAT, CryptoMB) so that Envoy
+signs handshakes with an accelerator; :mod:`identity.handshake_offload` decides per
+Envoy, once per stream, and the plain key always travels along (``fallback: true``).
+When an Envoy rejects (NACKs) a certificate that carried a provider, that Envoy gets
+plain certificates from then on; a rejected plain certificate is handled as before
+(logged, counted, not sent again). ``FetchSecrets`` is always plain: a unary fetch has
+no NACK to fall back on.
+
 The servicer is the transport edge: it attests the caller once per call, subscribes,
 and feeds requests and updates to the protocol state in :mod:`identity.xds`. It picks
 every gRPC status (STYLE point 3); the rendering below raises typed errors only.
@@ -30,8 +38,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 from typing import Any, NoReturn, TypeVar
 
@@ -54,11 +63,16 @@ from identity.errors import (
     ValidatorUnavailableError,
     WrongTypeError,
 )
+from identity.handshake_offload import HandshakeOffload
+from identity.key_provider_config import KEY_TYPES, KeyProvider, private_key_provider
+from identity.keys import key_type_of
+from identity.selectors import Selector
 from identity.workload_attestation import CallerAttestor
 from identity.workload_cache import Subscription, WorkloadSource, WorkloadSvid, WorkloadUpdate
 from identity.xds import (
     SECRET_TYPE_URL,
     DeltaStream,
+    OnNack,
     Render,
     SotwStream,
     check_type,
@@ -116,9 +130,17 @@ def _parse_bool(value: Any) -> bool | None:
 
 
 def render_secrets(
-    names: Sequence[str], update: WorkloadUpdate, *, spiffe_validator: bool = True
+    names: Sequence[str],
+    update: WorkloadUpdate,
+    *,
+    spiffe_validator: bool = True,
+    key_provider: tuple[KeyProvider, timedelta] | None = None,
 ) -> dict[str, secret_pb2.Secret]:
-    """Resolve SDS resource names for one caller; raise NotEntitledError for the rest."""
+    """Resolve SDS resource names for one caller; raise NotEntitledError for the rest.
+
+    With ``key_provider`` (provider, poll delay) each TLS certificate whose key that
+    provider signs with carries it, beside the plain key.
+    """
     local_id = _td_id(update.bundle)
     bundles: dict[str, TrustBundle] = {local_id: update.bundle}
     for bundle in update.federated.values():
@@ -127,17 +149,18 @@ def render_secrets(
     for svid in update.svids:
         svids.setdefault(svid.spiffe_id, svid)
     validation = partial(_validation_context, spiffe_validator=spiffe_validator)
+    certificate = partial(_tls_certificate, key_provider=key_provider)
 
     if not names:
         everything = {td_id: validation(td_id, [b]) for td_id, b in sorted(bundles.items())}
-        everything.update((sid, _tls_certificate(sid, svid)) for sid, svid in svids.items())
+        everything.update((sid, certificate(sid, svid)) for sid, svid in svids.items())
         return everything
 
     out: dict[str, secret_pb2.Secret] = {}
     refused: list[str] = []
     for name in dict.fromkeys(names):
         if name == DEFAULT_SVID and update.svids:
-            out[name] = _tls_certificate(name, update.svids[0])
+            out[name] = certificate(name, update.svids[0])
         elif name == DEFAULT_BUNDLE:
             out[name] = validation(name, [update.bundle])
         elif name == ALL_BUNDLES:
@@ -151,7 +174,7 @@ def render_secrets(
         elif name in bundles:
             out[name] = validation(name, [bundles[name]])
         elif name in svids:
-            out[name] = _tls_certificate(name, svids[name])
+            out[name] = certificate(name, svids[name])
         else:
             refused.append(name)
     if refused:
@@ -167,20 +190,27 @@ def _td_id(bundle: TrustBundle) -> str:
     return f"spiffe://{bundle.trust_domain.name}"
 
 
-def _tls_certificate(name: str, svid: WorkloadSvid) -> secret_pb2.Secret:
+def _tls_certificate(
+    name: str, svid: WorkloadSvid, *, key_provider: tuple[KeyProvider, timedelta] | None
+) -> secret_pb2.Secret:
     chain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in svid.chain)
     key = svid.key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    return secret_pb2.Secret(
-        name=name,
-        tls_certificate=common_pb2.TlsCertificate(
-            certificate_chain=base_pb2.DataSource(inline_bytes=chain),
-            private_key=base_pb2.DataSource(inline_bytes=key),
-        ),
+    certificate = common_pb2.TlsCertificate(
+        certificate_chain=base_pb2.DataSource(inline_bytes=chain),
+        private_key=base_pb2.DataSource(inline_bytes=key),
     )
+    if key_provider is not None:
+        provider, poll_delay = key_provider
+        # A key the provider cannot sign with would only make Envoy refuse the certificate.
+        if key_type_of(svid.key) in KEY_TYPES[provider]:
+            certificate.private_key_provider.CopyFrom(
+                private_key_provider(provider, key, poll_delay)
+            )
+    return secret_pb2.Secret(name=name, tls_certificate=certificate)
 
 
 def _validation_context(
@@ -212,7 +242,10 @@ def _validation_context(
 
 @dataclass(slots=True)
 class SdsStats:
-    """Counters for /metrics and tests; updated on the event loop only."""
+    """Counters for /metrics and tests; updated on the event loop only.
+
+    Key provider fallbacks are counted by :class:`HandshakeOffload` (``fallbacks``).
+    """
 
     streams: int = 0
     responses: int = 0
@@ -232,10 +265,12 @@ class SecretDiscoveryServicer:
         source: WorkloadSource,
         *,
         disable_spiffe_cert_validation: bool = False,
+        offload: HandshakeOffload | None = None,
     ) -> None:
         self._attestor = attestor
         self._source = source
         self._disable_spiffe = disable_spiffe_cert_validation
+        self.offload = offload  # None: plain certificates only
         self.stats = SdsStats()
 
     async def StreamSecrets(
@@ -243,14 +278,15 @@ class SecretDiscoveryServicer:
         requests: AsyncIterator[discovery_pb2.DiscoveryRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
-        async with self._subscription(context) as subscription:
+        async with self._subscription(context) as (subscription, caller):
             streams: list[SotwStream] = []
 
             def on_request(
                 request: discovery_pb2.DiscoveryRequest, update: WorkloadUpdate
             ) -> discovery_pb2.DiscoveryResponse | None:
                 if not streams:  # Envoy sends its node on the first request only
-                    streams.append(SotwStream(self._renderer(request.node)))
+                    render, on_nack = self._stream_render(request.node, caller)
+                    streams.append(SotwStream(render, on_nack=on_nack))
                 before = streams[0].nacks
                 try:
                     return streams[0].on_request(request, update)
@@ -267,14 +303,15 @@ class SecretDiscoveryServicer:
         requests: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
-        async with self._subscription(context) as subscription:
+        async with self._subscription(context) as (subscription, caller):
             streams: list[DeltaStream] = []
 
             def on_request(
                 request: discovery_pb2.DeltaDiscoveryRequest, update: WorkloadUpdate
             ) -> discovery_pb2.DeltaDiscoveryResponse | None:
                 if not streams:
-                    streams.append(DeltaStream(self._renderer(request.node)))
+                    render, on_nack = self._stream_render(request.node, caller)
+                    streams.append(DeltaStream(render, on_nack=on_nack))
                 before = streams[0].nacks
                 try:
                     return streams[0].on_request(request, update)
@@ -291,7 +328,7 @@ class SecretDiscoveryServicer:
         request: discovery_pb2.DiscoveryRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> discovery_pb2.DiscoveryResponse:
-        async with self._subscription(context) as subscription:
+        async with self._subscription(context) as (subscription, _caller):
             try:
                 check_type(request.type_url)
                 resources = self._renderer(request.node)(
@@ -315,10 +352,33 @@ class SecretDiscoveryServicer:
             spiffe_validator=spiffe_validation(node, disabled_by_default=self._disable_spiffe),
         )
 
+    def _stream_render(self, node: base_pb2.Node, caller: str) -> tuple[Render, OnNack | None]:
+        """The render of one stream, and what to do when its Envoy rejects a response."""
+        if self.offload is None:
+            return self._renderer(node), None
+        offload = self.offload
+        record = offload.envoy(node, caller)
+        spiffe_validator = spiffe_validation(node, disabled_by_default=self._disable_spiffe)
+
+        def render(names: Sequence[str], update: WorkloadUpdate) -> dict[str, secret_pb2.Secret]:
+            # Read at every render: a rejection on any stream of this Envoy applies here too.
+            return render_secrets(
+                names, update, spiffe_validator=spiffe_validator, key_provider=record.provider
+            )
+
+        def on_nack(rejected: Mapping[str, secret_pb2.Secret], message: str) -> bool:
+            if not _carries_provider(rejected):
+                return False  # a plain certificate refused: the stream logs it as before
+            offload.rejected(record, message)
+            return True
+
+        return render, on_nack
+
     @contextlib.asynccontextmanager
     async def _subscription(
         self, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[Subscription]:
+    ) -> AsyncIterator[tuple[Subscription, str]]:
+        """The caller's subscription, and the caller's selectors as one string."""
         try:
             selectors = await self._attestor.attest(context.peer())
         except AttestationError as exc:
@@ -334,7 +394,7 @@ class SecretDiscoveryServicer:
                     f"(selectors: {', '.join(sorted(map(str, selectors))) or 'none'})",
                 )
             self.stats.streams += 1
-            yield subscription
+            yield subscription, _caller(selectors)
         finally:
             subscription.close()
 
@@ -391,6 +451,17 @@ class SecretDiscoveryServicer:
             self.stats.denied += 1
         log.info("sds: ending the call: %s", exc.message)
         await context.abort(code, f"sds: {exc.message}")
+
+
+def _carries_provider(secrets: Mapping[str, secret_pb2.Secret]) -> bool:
+    return any(
+        s.HasField("tls_certificate") and s.tls_certificate.HasField("private_key_provider")
+        for s in secrets.values()
+    )
+
+
+def _caller(selectors: frozenset[Selector]) -> str:
+    return ",".join(sorted(map(str, selectors)))
 
 
 def add_sds_servicer(servicer: SecretDiscoveryServicer, server: grpc.aio.Server) -> None:

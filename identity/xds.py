@@ -23,6 +23,11 @@ sent again on that stream: only content that differs from it is pushed. A state 
 world request with an older nonce is stale and ignored (the client will answer the
 newer response); a delta request with an older nonce still carries subscription changes,
 so only its ACK/NACK meaning is dropped.
+
+A stream may be given an ``on_nack`` hook: it is told what the rejected response held,
+before the stream renders again, so the render can change its mind about what to send
+(the SDS servicer drops a private key provider an Envoy refused this way). A hook that
+returns True has explained the rejection in its own log line; the stream's is then debug.
 """
 
 from __future__ import annotations
@@ -37,12 +42,14 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 
 from identity.errors import WrongTypeError
+from identity.key_provider_config import redact_private_key
 from identity.workload_cache import WorkloadUpdate
 
 __all__ = [
     "SECRET_TYPE_URL",
     "WILDCARD",
     "DeltaStream",
+    "OnNack",
     "Render",
     "SotwStream",
     "check_type",
@@ -58,6 +65,8 @@ WILDCARD = "*"
 # Resolve the requested names (empty: everything the caller may see) against one update.
 # Raises an IdentityError when a name cannot be served; the servicer maps it to a status.
 Render = Callable[[Sequence[str], WorkloadUpdate], Mapping[str, "secret_pb2.Secret"]]
+# Told what a rejected response held and the client's error message; True: handled.
+OnNack = Callable[[Mapping[str, "secret_pb2.Secret"], str], bool]
 
 
 def resource_version(secret: secret_pb2.Secret) -> str:
@@ -66,6 +75,11 @@ def resource_version(secret: secret_pb2.Secret) -> str:
     public.CopyFrom(secret)
     if public.HasField("tls_certificate"):
         public.tls_certificate.ClearField("private_key")
+        if public.tls_certificate.HasField("private_key_provider"):
+            # The provider (its name, fallback, poll delay) stays part of the version.
+            public.tls_certificate.private_key_provider.CopyFrom(
+                redact_private_key(public.tls_certificate.private_key_provider)
+            )
     digest = hashlib.sha256(b"meshward-sds-resource\0")
     digest.update(public.SerializeToString(deterministic=True))
     return digest.hexdigest()[:16]
@@ -98,12 +112,14 @@ def _pack(secret: secret_pb2.Secret) -> any_pb2.Any:
 class SotwStream:
     """One ``StreamSecrets`` stream: decides which request or update produces a response."""
 
-    def __init__(self, render: Render) -> None:
+    def __init__(self, render: Render, *, on_nack: OnNack | None = None) -> None:
         self._render = render
+        self._on_nack = on_nack
         self._nonces = _nonces()
         self._names: tuple[str, ...] | None = None  # None until the first request
         self._sent: str | None = None  # the version the client has, or was last sent
         self._nonce: str | None = None
+        self._last: Mapping[str, secret_pb2.Secret] = {}  # what the last response held
         self.acked: str | None = None
         self.nacks = 0
 
@@ -124,7 +140,11 @@ class SotwStream:
         elif request.response_nonce == self._nonce:
             if request.HasField("error_detail"):
                 self.nacks += 1
-                log.warning(
+                handled = self._on_nack is not None and self._on_nack(
+                    self._last, request.error_detail.message
+                )
+                log.log(
+                    logging.DEBUG if handled else logging.WARNING,
                     "sds: client rejected version %s of %s (keeps %s): %s",
                     self._sent,
                     list(request.resource_names),
@@ -149,6 +169,7 @@ class SotwStream:
             return None  # the client has (or has refused) exactly this
         self._sent = version
         self._nonce = next(self._nonces)
+        self._last = resources
         return discovery_pb2.DiscoveryResponse(
             version_info=version,
             resources=[_pack(secret) for secret in resources.values()],
@@ -160,14 +181,16 @@ class SotwStream:
 class DeltaStream:
     """One ``DeltaSecrets`` stream: per-resource versions, subscribe/unsubscribe, removals."""
 
-    def __init__(self, render: Render) -> None:
+    def __init__(self, render: Render, *, on_nack: OnNack | None = None) -> None:
         self._render = render
+        self._on_nack = on_nack
         self._nonces = _nonces()
         self._started = False
         self._wildcard = False
         self._names: dict[str, None] = {}  # explicit subscriptions, in request order
         self._client: dict[str, str] = {}  # name -> version the client has or was sent
         self._nonce: str | None = None
+        self._last: Mapping[str, secret_pb2.Secret] = {}  # what the last response held
         self.nacks = 0
 
     @property
@@ -181,7 +204,11 @@ class DeltaStream:
         acknowledges = bool(request.response_nonce) and request.response_nonce == self._nonce
         if acknowledges and request.HasField("error_detail"):
             self.nacks += 1
-            log.warning(
+            handled = self._on_nack is not None and self._on_nack(
+                self._last, request.error_detail.message
+            )
+            log.log(
+                logging.DEBUG if handled else logging.WARNING,
                 "sds: client rejected delta response %s: %s",
                 request.response_nonce,
                 request.error_detail.message,
@@ -229,6 +256,7 @@ class DeltaStream:
         for name in changed:
             self._client[name] = versions[name]
         self._nonce = next(self._nonces)
+        self._last = {name: wanted[name] for name in changed}
         return discovery_pb2.DeltaDiscoveryResponse(
             system_version_info=collection_version(wanted),
             resources=[

@@ -158,6 +158,31 @@ class AgentConfig(_Section):
     # SDS validation contexts as plain trusted_ca instead of Envoy's SPIFFE validator
     # (an Envoy can also ask for that in its node metadata, as with SPIRE).
     disable_spiffe_cert_validation: bool = False
+    # The key type of workload X509-SVIDs the agent generates. RSA-2048 is slower to sign
+    # with but is what QAT offloads; CryptoMB takes RSA-2048 and EC P-256; neither P-384.
+    workload_key_type: KeyType = KeyType.EC_P256
+    # TLS certificates over SDS carry a QAT/CryptoMB private key provider: auto where
+    # this host has the hardware and the Envoy the extension; cryptomb/qat force it; none
+    # never. An Envoy overrides it in its node metadata (meshward.private_key_provider).
+    # Whatever is chosen, an Envoy that refuses the provider gets plain certificates.
+    private_key_provider: Literal["auto", "cryptomb", "qat", "none"] = "auto"
+    # The defaults are identity.handshake_offload.DEFAULT_POLL_DELAYS (not imported: that
+    # loads the Envoy protos, which every CLI command would pay for).
+    cryptomb_poll_delay: Duration = timedelta(milliseconds=10)  # a batch waits this long
+    qat_poll_delay: Duration = timedelta(milliseconds=5)  # Envoy polls QAT this often
+
+    @field_validator("cryptomb_poll_delay", "qat_poll_delay")
+    @classmethod
+    def _poll_delay(cls, value: timedelta, info: ValidationInfo) -> timedelta:
+        # parse_duration already refused zero; Envoy's QAT provider wants at least 1ms.
+        if info.field_name == "qat_poll_delay" and value < timedelta(milliseconds=1):
+            raise ValueError("must be at least 1ms (Envoy's QAT provider polls no faster)")
+        if value > timedelta(seconds=1):
+            raise ValueError(
+                "must be at most 1s: a handshake may wait this long; e.g. 10ms for "
+                "cryptomb, 5ms for qat"
+            )
+        return value
 
 
 def _grpc_listen(value: str) -> str:

@@ -21,12 +21,14 @@ from cryptography import x509
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
+from identity.accelerators import detect_accelerators
 from identity.admin import IdentityAdmin
 from identity.admin_api import create_admin_app
 from identity.agent import Agent
 from identity.agent_endpoints import AgentEndpoints
 from identity.agent_metrics import agent_registry
 from identity.authority import CASettings, CertificateAuthority
+from identity.handshake_offload import HandshakeOffload, OffloadMode, OffloadSettings
 from identity.health_api import health_router
 from identity.k8s_attestor import K8sAttestor
 from identity.keys import load_private_key
@@ -49,6 +51,7 @@ __all__ = [
     "Listeners",
     "bind_listeners",
     "build_identity_server",
+    "handshake_offload",
     "prepare_data_dir",
     "run",
     "run_agent",
@@ -242,12 +245,17 @@ async def serve(
         tasks.append(asyncio.create_task(agent.run()))
         if listeners.agent_health is not None:
             agent_health = FastAPI(title="meshward agent health")
+            offload = endpoints.sds.offload
             agent_health.include_router(
                 health_router(
-                    agent_registry(agent.cache, endpoints.sds.stats),
+                    agent_registry(agent.cache, endpoints.sds.stats, offload),
                     lambda: (
                         True,
-                        {"agent": server.admin.default_parent_id, "entries": len(cache.entries)},
+                        {
+                            "agent": server.admin.default_parent_id,
+                            "entries": len(cache.entries),
+                            "handshake_offload": offload.as_json() if offload else None,
+                        },
                     ),
                 )
             )
@@ -299,6 +307,7 @@ def _local_agent(server: IdentityServer) -> tuple[AgentEndpoints, Agent]:
         ),
         cache=cache,
         clock=server.clock,
+        key_type=config.agent.workload_key_type,
     )
     endpoints = AgentEndpoints(
         socket=config.agent_socket,
@@ -307,8 +316,31 @@ def _local_agent(server: IdentityServer) -> tuple[AgentEndpoints, Agent]:
         source=cache,
         sign_jwt=agent.sign_jwt_svid,
         disable_spiffe_cert_validation=config.agent.disable_spiffe_cert_validation,
+        offload=handshake_offload(config),
     )
     return endpoints, agent
+
+
+def handshake_offload(config: Config, root: Path = Path("/")) -> HandshakeOffload:
+    """Detect this host's accelerators (under ``root``) and say in one line what was found."""
+    agent = config.agent
+    offload = HandshakeOffload(
+        OffloadSettings(
+            mode=OffloadMode(agent.private_key_provider),
+            cryptomb_poll_delay=agent.cryptomb_poll_delay,
+            qat_poll_delay=agent.qat_poll_delay,
+            key_type=agent.workload_key_type,
+        ),
+        detect_accelerators(root),
+    )
+    log.info(
+        "agent: handshake offload: private_key_provider %s, workload keys %s; %s; "
+        "each Envoy's key provider extensions are checked when it connects",
+        agent.private_key_provider,
+        agent.workload_key_type,
+        offload.host.summary(),
+    )
+    return offload
 
 
 def _attestors(config: Config) -> list[ProcessAttestor]:
@@ -434,7 +466,10 @@ async def _serve_agent(
         except TimeoutError:
             log.warning("agent: still waiting for the server at %s", config.agent.server_address)
     cache = WorkloadCache(bundle)
-    agent = Agent(backend=backend, cache=cache, clock=utcnow)
+    agent = Agent(
+        backend=backend, cache=cache, clock=utcnow, key_type=config.agent.workload_key_type
+    )
+    offload = handshake_offload(config)
     endpoints = AgentEndpoints(
         socket=config.agent_socket,
         private_dir=private,
@@ -442,6 +477,7 @@ async def _serve_agent(
         source=cache,
         sign_jwt=agent.sign_jwt_svid,
         disable_spiffe_cert_validation=config.agent.disable_spiffe_cert_validation,
+        offload=offload,
     )
     await agent.sync()
     await endpoints.start(sock)
@@ -450,9 +486,15 @@ async def _serve_agent(
         app = FastAPI(title="meshward agent health")
 
         def ready() -> tuple[bool, dict[str, Any]]:
-            return True, {"agent": identity.agent_id, "entries": len(cache.entries)}
+            return True, {
+                "agent": identity.agent_id,
+                "entries": len(cache.entries),
+                "handshake_offload": offload.as_json(),
+            }
 
-        app.include_router(health_router(agent_registry(cache, endpoints.sds.stats), ready))
+        app.include_router(
+            health_router(agent_registry(cache, endpoints.sds.stats, offload), ready)
+        )
         health = _Server(_uvicorn_config(app))
     log.info("meshward agent %s: workloads on unix://%s", identity.agent_id, config.agent_socket)
     stopped = asyncio.Event()
