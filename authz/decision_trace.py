@@ -71,14 +71,11 @@ class PolicyMatch:
 def istio_trace(policies: PolicySet, view: RequestView) -> tuple[list[PolicyMatch], IstioDecision]:
     """The policies that apply to the request's workload, in evaluation order, and the
     Istio decision."""
-    applicable = [
-        policy
-        for policy in policies.candidates(
-            view.workload_namespace, view.workload_labels, view.workload_service
-        )
-        if policy.selects(view.workload_namespace, view.workload_labels, view.workload_service)
-    ]
-    # Istio's order: CUSTOM, DENY, ALLOW, then AUDIT, which never decides.
+    applicable = list(
+        policies.applicable(view.workload_namespace, view.workload_labels, view.workload_service)
+    )
+    # Istio's order: CUSTOM, DENY, ALLOW, then AUDIT, which never decides; within an
+    # action, the engine's (Envoy's RBAC) order, kept by the stable sort.
     applicable.sort(key=lambda p: _ORDER.index(p.action))
     matches = [_match(policy, policies.root_namespace, view) for policy in applicable]
     return matches, evaluate(policies, view)

@@ -16,6 +16,12 @@ do not exist on a TCP connection, so
 
 Dry-run exists for ALLOW and DENY (Istio's two shadow engines); a dry-run AUDIT
 policy is neither enforced nor recorded. ``evaluate`` takes no clock and does no I/O.
+
+Which rule is reported when several match: the one Envoy's RBAC filter reports for
+the filters ``authz.rbac_translation`` generates, i.e. the first in the byte order of
+Istio's RBAC policy names ``ns[NS]-policy[NAME]-rule[i]`` (so ``ns[default]`` before
+``ns[istio-system]``, ``policy[a-b]`` before ``policy[a]``, ``rule[10]`` before
+``rule[2]``). The audit trail then names the same rule whichever back end decided.
 """
 
 from __future__ import annotations
@@ -92,6 +98,9 @@ def evaluate(policies: PolicySet, view: RequestView) -> IstioDecision:
         for p in candidates
         if p.selects(view.workload_namespace, view.workload_labels, view.workload_service)
     ]
+    # Envoy's order (see the module docstring): when several rules match, the one
+    # reported is the one Envoy's RBAC filter would name.
+    applicable.sort(key=lambda p: p.rbac_order)
 
     custom_provider: str | None = None
     custom_id: str | None = None
@@ -174,7 +183,7 @@ def _shadow(
 
 
 def _first_matching_rule(policy: CompiledPolicy, view: RequestView) -> int | None:
-    for rule in policy.rules:
+    for rule in policy.rules_in_rbac_order:
         if _rule_matches(rule, view, allow=policy.action is Action.ALLOW):
             return rule.index
     return None
@@ -268,7 +277,8 @@ def _host_forms(host: str | None) -> tuple[str, ...]:
     if host is None:
         return ()
     name, sep, port = host.rpartition(":")
-    if sep and port.isdigit() and (":" not in name or name.endswith("]")):
+    # ASCII digits only, like Envoy (str.isdigit alone accepts fullwidth and other digits).
+    if sep and port.isascii() and port.isdigit() and (":" not in name or name.endswith("]")):
         return (host, name)
     return (host,)
 

@@ -29,6 +29,7 @@ __all__ = [
     "PolicySet",
     "Rule",
     "StringMatch",
+    "ascii_lower",
     "compile_path_template",
     "compile_string",
     "is_path_template",
@@ -81,6 +82,18 @@ HTTP_ONLY: frozenset[Attribute] = frozenset(
 )
 
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def ascii_lower(text: str) -> str:
+    """Lowercase A-Z only, as DNS names compare and as Envoy's ``ignore_case`` does.
+
+    ``str.lower`` would fold more (the Kelvin sign K to ``k``), so a host Envoy never
+    matches would match here.
+    """
+    return text.translate(_ASCII_LOWER)
+
+
 class MatchKind(Enum):
     EXACT = "exact"
     PREFIX = "prefix"
@@ -99,7 +112,7 @@ class StringMatch:
     def matches(self, candidate: str) -> bool:
         if self.kind is MatchKind.PRESENCE:
             return candidate != ""
-        text = candidate.lower() if self.ignore_case else candidate
+        text = ascii_lower(candidate) if self.ignore_case else candidate
         if self.kind is MatchKind.EXACT:
             return text == self.value
         if self.kind is MatchKind.PREFIX:
@@ -152,7 +165,7 @@ def compile_string(value: str, *, ignore_case: bool = False) -> StringMatch:
     """
     if value == "*":
         return StringMatch(MatchKind.PRESENCE, "")
-    text = value.lower() if ignore_case else value
+    text = ascii_lower(value) if ignore_case else value
     if text.startswith("*"):
         return StringMatch(MatchKind.SUFFIX, text[1:], ignore_case)
     if text.endswith("*"):
@@ -271,6 +284,14 @@ class CompiledPolicy:
     dry_run: bool = False
     match_labels: tuple[tuple[str, str], ...] | None = None
     target_services: tuple[str, ...] | None = None
+    rules_in_rbac_order: tuple[Rule, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Envoy's RBAC filter tries policies in the byte order of their names
+        # (ns[NS]-policy[NAME]-rule[i]): rule[10] comes before rule[2]. Evaluating in
+        # that order makes the engine report the rule Envoy reports.
+        ordered = tuple(sorted(self.rules, key=lambda rule: f"{rule.index}]"))
+        object.__setattr__(self, "rules_in_rbac_order", ordered)
 
     @property
     def id(self) -> str:
@@ -278,6 +299,19 @@ class CompiledPolicy:
 
     def rule_id(self, index: int) -> str:
         return f"{self.id}[rules[{index}]]"
+
+    @property
+    def rbac_order(self) -> str:
+        """The part of Istio's RBAC policy names shared by this policy's rules.
+
+        Names of different policies first differ inside it (namespaces and names hold
+        no brackets), so sorting policies by it sorts their rules as Envoy does.
+        """
+        return f"ns[{self.namespace}]-policy[{self.name}]-rule["
+
+    def rbac_name(self, index: int) -> str:
+        """Istio's name for rule ``index`` in Envoy's RBAC config: ns[NS]-policy[NAME]-rule[i]."""
+        return f"{self.rbac_order}{index}]"
 
     def selects(self, namespace: str, labels: Mapping[str, str], service: str | None) -> bool:
         if self.match_labels is not None:
@@ -335,8 +369,8 @@ class _ScopeIndex:
         if len(found) == len(self.unscoped):
             return self.unscoped
         found = list({p.name: p for p in found}.values())
-        # Names are unique within a namespace: name order is evaluation order, which
-        # keeps the reported policy deterministic.
+        # Names are unique within a namespace: sorting by name keeps the result
+        # deterministic (the engine then orders by Envoy's RBAC names).
         found.sort(key=lambda p: p.name)
         return tuple(found)
 
@@ -368,7 +402,7 @@ class PolicySet:
                 raise ValueError(f"policy {policy.id} appears twice in the policy set")
             seen.add((policy.namespace, policy.name))
             grouped.setdefault(policy.namespace, []).append(policy)
-        # Sorted by name so evaluation (and which policy is reported) is deterministic.
+        # Sorted by name so candidates come in a deterministic order.
         index = {ns: tuple(sorted(items, key=lambda p: p.name)) for ns, items in grouped.items()}
         object.__setattr__(self, "_by_namespace", MappingProxyType(index))
         scopes = {ns: _ScopeIndex.build(items) for ns, items in index.items()}
@@ -376,6 +410,22 @@ class PolicySet:
 
     def in_namespace(self, namespace: str) -> tuple[CompiledPolicy, ...]:
         return self._by_namespace.get(namespace, ())
+
+    def applicable(
+        self,
+        workload_namespace: str,
+        labels: Mapping[str, str] | None = None,
+        service: str | None = None,
+    ) -> tuple[CompiledPolicy, ...]:
+        """The policies that apply to the workload, in Envoy's RBAC order (``rbac_order``)."""
+        labels = labels or {}
+        selected = [
+            p
+            for p in self.candidates(workload_namespace, labels, service)
+            if p.selects(workload_namespace, labels, service)
+        ]
+        selected.sort(key=lambda p: p.rbac_order)
+        return tuple(selected)
 
     def candidates(
         self,

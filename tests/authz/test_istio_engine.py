@@ -431,7 +431,37 @@ def test_audit_policies_are_recorded_whatever_the_decision() -> None:
         policy("d", action="DENY", rules=GET),
     )
     assert not decision.allowed
-    assert decision.audit_policy_ids == ("istio-system.au3[rules[1]]", "default.au1[rules[0]]")
+    # In Envoy's RBAC order: ns[default]-policy[au1] sorts before ns[istio-system]-...
+    assert decision.audit_policy_ids == ("default.au1[rules[0]]", "istio-system.au3[rules[1]]")
+
+
+def test_several_matches_report_the_rule_envoy_reports() -> None:
+    # Envoy's RBAC filter tries policy names (ns[NS]-policy[NAME]-rule[i]) in byte
+    # order: "-" sorts before "]", "1" before "]", so a-b before a and rule[10] before
+    # rule[2]; the root namespace gets no precedence.
+    many_rules = [*POST] * 10 + [*GET] * 3
+    cases = [
+        (
+            [policy("a", action="DENY", rules=GET), policy("a-b", action="DENY", rules=GET)],
+            "default.a-b[rules[0]]",
+        ),
+        ([policy("z", action="DENY", rules=many_rules)], "default.z[rules[10]]"),
+        (
+            [
+                policy("a", action="DENY", namespace="istio-system", rules=GET),
+                policy("b", action="DENY", rules=GET),
+            ],
+            "default.b[rules[0]]",
+        ),
+        ([policy("p", rules=many_rules)], "default.p[rules[10]]"),
+    ]
+    for docs, expected in cases:
+        assert decide(*docs).policy_id == expected
+    shadow = decide(policy("s", action="DENY", rules=many_rules, dry_run=True)).dry_run_deny
+    assert shadow is not None
+    assert shadow.effective_policy_id == "default.s[rules[10]]"
+    custom = decide(policy("c", action="CUSTOM", rules=many_rules))
+    assert custom.custom_policy_id == "default.c[rules[10]]"
 
 
 # --- TCP: HTTP-only fields (Istio's RBAC builder: ALLOW rule dropped, DENY field dropped)
@@ -730,7 +760,8 @@ def test_selector_index_finds_exactly_the_policies_that_select_the_workload(
         "default.d-empty-selector",
         "default.e-service",
     ]
-    assert decision.policy_id == "istio-system.g-root[rules[0]]"
+    # Several ALLOW policies match; Envoy's order names ns[default]-policy[a-two-labels].
+    assert decision.policy_id == "default.a-two-labels[rules[0]]"
     assert decision.audit_policy_ids == ("default.c-namespace[rules[0]]",)
     # The index only narrows: the same decision as checking every policy's selector.
     for labels in ({"app": "svc7"}, {"app": "api"}, {}, {"version": "v1", "app": "svc3"}):

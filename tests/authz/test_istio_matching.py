@@ -157,6 +157,15 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], bool]] = [
     ("hosts miss", op(hosts=["web.example.com"]), {}, False),
     ("hosts ipv6 with port", op(hosts=["[::1]"]), {"host": "[::1]:80"}, True),
     ("notHosts", op(notHosts=["*.example.com"]), {}, False),
+    # Case-insensitive as DNS and Envoy's ignore_case are: A-Z only (the Kelvin sign
+    # U+212A lowercases to "k" in Unicode), and a port is ASCII digits.
+    ("hosts ASCII case only", op(hosts=["k.example.com"]), {"host": "\u212a.example.com"}, False),
+    (
+        "hosts port ASCII digits only",
+        op(hosts=["api.example.com"]),
+        {"host": "api.example.com:\uff18\uff10"},
+        False,
+    ),
     # --- ports
     ("ports", op(ports=["8080"]), {}, True),
     ("ports miss", op(ports=["80"]), {}, False),
