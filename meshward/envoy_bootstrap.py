@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from authz.rbac_matchers import JWT_PAYLOAD_KEY
+
 __all__ = [
     "AGENT_CLUSTER",
     "AUTHZ_CLUSTER",
@@ -163,6 +165,9 @@ def ext_authz_filter() -> dict[str, Any]:
             # Rego policies read parsed_body; a larger body is sent cut short and marked
             # (truncated_body), as in OPA-Envoy's recommended setup.
             "with_request_body": {"max_request_bytes": 8192, "allow_partial_message": True},
+            # The verified end-user token (requestPrincipals, request.auth.*): Envoy sends
+            # no filter metadata to ext_authz unless its namespace is listed.
+            "metadata_context_namespaces": [JWT_AUTHN_FILTER],
         },
     }
 
@@ -213,6 +218,10 @@ def _http_listener(
             }
         ]
     }
+    if http_filters:
+        # Policies read remote.ip as the peer's address, as the engine does: never an
+        # address a client wrote into X-Forwarded-For.
+        chain["filters"][0]["typed_config"]["use_remote_address"] = True
     if transport_socket is not None:
         chain["transport_socket"] = transport_socket
     return {
@@ -369,7 +378,8 @@ def jwt_authn_filter(issuer: JwtIssuer) -> dict[str, Any]:
         "issuer": issuer.issuer,
         "local_jwks": {"filename": str(issuer.jwks_file)},
         "forward": True,
-        "payload_in_metadata": issuer.issuer,
+        # Istio's key: the RBAC filters' request.auth matchers read it there too.
+        "payload_in_metadata": JWT_PAYLOAD_KEY,
     }
     if issuer.audiences:
         provider["audiences"] = list(issuer.audiences)
