@@ -33,7 +33,10 @@ FLIP_TO_DENY = "deny"
 FLIP_TO_ALLOW = "allow"
 
 
-@dataclass(slots=True, frozen=True)
+# Not slots=True, unlike the project's other values: the spool encodes a record on the
+# Check path, and orjson writes an instance's __dict__ in one pass but a slotted one
+# field by field (the same bytes; here 5 µs instead of 10 inside a decision).
+@dataclass(frozen=True)
 class DecisionRecord:
     """One decision as the audit trail keeps it.
 

@@ -96,6 +96,43 @@ def request_snapshot(
     when this returns, but no other thread may read it meanwhile.
     """
     http = request.attributes.request.http
+    if headers is None or http.HasField("header_map") or http.query or http.body or http.raw_body:
+        return _any_request(request, http, headers, redaction)
+    # What Envoy sends unless configured otherwise: the header map, the query in the
+    # path, no body; most requests have nothing to redact, or a token header. For them
+    # the search for JWTs under any header name is one search of the serialized bytes,
+    # not one per header value: a mark holds no "eyJ", so an "eyJ" left there sends the
+    # request through the full check (as does a certificate whose base64 holds one).
+    path = http.path
+    if "?" in path and redaction.path(path)[1]:
+        return _any_request(request, http, headers, redaction)
+    secret = redaction.named_secret_headers(headers)
+    if not secret:
+        blob = request.SerializeToString()
+        return (blob, ()) if b"eyJ" not in blob else _any_request(request, http, headers, redaction)
+    map_headers = http.headers
+    saved: list[tuple[str, str]] = []
+    try:
+        # Fewer names in the view than in the map: two spellings of one name.
+        spellings = len(headers) < len(map_headers)
+        _mark_map_headers(map_headers, secret, redaction, saved, every_spelling=spellings)
+        blob = request.SerializeToString()
+    finally:
+        for key, old in reversed(saved):
+            map_headers[key] = old
+    if b"eyJ" in blob:
+        return _any_request(request, http, headers, redaction)
+    return blob, _header_marks(frozenset(secret))
+
+
+def _any_request(
+    request: external_auth_pb2.CheckRequest,
+    http: Any,
+    headers: Mapping[str, str] | None,
+    redaction: Redaction,
+) -> tuple[bytes, tuple[str, ...]]:
+    """:func:`request_snapshot` of a request of any shape: raw header entries, a query
+    field, a body."""
     raw = http.HasField("header_map")  # Envoy's encode_raw_headers: names and bytes
     if headers is None:
         headers = {k.lower(): v for k, v in http.headers.items()}
@@ -112,17 +149,16 @@ def request_snapshot(
     query, query_only_marks = redaction.path("?" + http.query) if http.query else ("", ())
     if not secret and not query_marks and not query_only_marks and not (http.body or http.raw_body):
         return request.SerializeToString(), ()
+    map_headers = http.headers
+    saved: list[tuple[str, str]] = []  # map entries, restored last
     undo: list[Callable[[], None]] = []
     redacted = list(_header_marks(frozenset(secret)))
     try:
-        map_headers = http.headers
-        # Envoy sends lowercase names; any other spelling is found by a scan.
-        found = {name for name in secret if name in map_headers}
-        keys = found if found == secret else [k for k in map_headers if k.lower() in secret]
-        for key in keys:
-            _set_header(map_headers, key, redaction.mark(map_headers[key]), undo)
+        _mark_map_headers(map_headers, secret, redaction, saved, every_spelling=True)
         if query_marks and ":path" in map_headers:
-            _set_header(map_headers, ":path", redaction.path(map_headers[":path"])[0], undo)
+            old = map_headers[":path"]
+            map_headers[":path"] = redaction.path(old)[0]
+            saved.append((":path", old))
         for entry in http.header_map.headers if raw else ():
             name = entry.key.lower()
             if name in secret:
@@ -153,18 +189,36 @@ def request_snapshot(
     finally:
         for step in reversed(undo):
             step()
+        for key, old in reversed(saved):
+            map_headers[key] = old
+
+
+def _mark_map_headers(
+    headers: Any,
+    secret: set[str],
+    redaction: Redaction,
+    saved: list[tuple[str, str]],
+    *,
+    every_spelling: bool,
+) -> None:
+    """Replace the values of ``secret`` names (lowercase) in the header map by their
+    marks, under every spelling of the name when ``every_spelling`` (else only where
+    a lowercase name is missing); the old values go to ``saved``, in order, for the
+    caller to restore."""
+    # Envoy sends lowercase names, each once; any other spelling is found by a scan.
+    keys = [name for name in secret if name in headers]
+    if every_spelling or len(keys) < len(secret):
+        keys = [k for k in headers if k.lower() in secret]
+    for key in keys:
+        old = headers[key]
+        headers[key] = redaction.mark(old)
+        saved.append((key, old))
 
 
 @functools.lru_cache(maxsize=256)
 def _header_marks(names: frozenset[str]) -> tuple[str, ...]:
     # The same few sets of names come back on every request (authorization, cookie).
     return tuple(f"header:{name}" for name in sorted(names))
-
-
-def _set_header(headers: Any, key: str, value: str, undo: list[Callable[[], None]]) -> None:
-    old = headers[key]
-    headers[key] = value
-    undo.append(lambda: headers.__setitem__(key, old))
 
 
 def _set_entry(entry: Any, value: str, undo: list[Callable[[], None]]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 from pathlib import Path
@@ -43,6 +44,21 @@ def test_a_mark_groups_equal_values_and_hides_them() -> None:
     assert mark == redaction.mark("Bearer abc")
     assert mark != redaction.mark("Bearer abd")
     assert mark != Redaction.build(b"j" * 32).mark("Bearer abc")  # keyed: not a plain hash
+
+
+def test_a_mark_is_the_keyed_blake2b_of_the_value() -> None:
+    # Marks made by an earlier meshward must keep matching new ones ("the same token").
+    value = "Bearer " + JWT
+    expected = hashlib.blake2b(value.encode(), key=KEY, digest_size=12).hexdigest()
+    assert redaction.mark(value) == REDACTED_PREFIX + expected
+    assert redaction.mark(value.encode()) == REDACTED_PREFIX + expected
+    assert redaction.mark(value) == redaction.mark(value)  # the keyed state is not used up
+
+
+def test_secret_header_names_are_those_secret_by_name() -> None:
+    headers = {"authorization": "a", "x-api-key": "k", "x-jwt": JWT, "accept": "*/*"}
+    assert redaction.named_secret_headers(headers) == {"authorization", "x-api-key"}
+    assert redaction.secret_headers(headers) == {"authorization", "x-api-key", "x-jwt"}
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import fields
 from pathlib import Path
 
 import orjson
@@ -41,6 +42,19 @@ def test_records_come_back_in_order_with_their_request(tmp_path: Path) -> None:
     got = decoded(tmp_path)
     assert [r for r, _ in got] == sent
     assert [b for _, b in got] == [f"request {i}".encode() for i in range(200)]
+
+
+def test_a_record_is_kept_as_json_with_every_field_in_order(tmp_path: Path) -> None:
+    # The shipper reads the document by field name; what the spool writes is the
+    # record's fields in declaration order, tuples as lists, unset ones as null.
+    writer = SpoolWriter(tmp_path)
+    record = make_record(1, dry_run_flips=({"engine": "istio", "policy": "p", "to": "deny"},))
+    writer.submit(record)
+    writer.close()
+    (entry,) = iter_entries(tmp_path)
+    document = orjson.loads(entry.document)
+    assert list(document) == [f.name for f in fields(DecisionRecord)]
+    assert document == record.as_dict()
 
 
 def test_records_are_readable_before_close_and_fsync(tmp_path: Path) -> None:
