@@ -11,6 +11,8 @@ YAML document index and field path (AuthorizationPolicy) or the line (Rego) so
     ├── BadRequestError     a CheckRequest cannot be turned into a request view;
     │                       ``reason`` names why (``too_many_headers`` …), and the
     │                       server denies with it (fail closed)
+    ├── EntryError          an Envoy access-log entry (or its node) is not what a
+    │                       sidecar configured by meshward sends; counted, not recorded
     └── ResponseBuildError  a decision cannot be turned into a CheckResponse
 """
 
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 __all__ = [
     "AuthzError",
     "BadRequestError",
+    "EntryError",
     "PolicyIssue",
     "PolicyLoadError",
     "ResponseBuildError",
@@ -78,6 +81,17 @@ class BadRequestError(AuthzError):
     """
 
     code = "request_parse_error"
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+class EntryError(AuthzError):
+    """An access-log entry that cannot be recorded; ``reason`` as in BadRequestError."""
+
+    code = "access_log_entry_error"
 
     def __init__(self, reason: str, detail: str) -> None:
         self.reason = reason

@@ -15,6 +15,10 @@ on something the audit trail did not keep:
   reads headers without spelling out which (``headers[name]``, ``object.get(headers, …)``,
   the headers object kept in a variable): its value would otherwise be the
   ``redacted:`` hash, a guess;
+- the snapshot holds only some headers (:data:`UNLOGGED_HEADERS`: a decision Envoy's
+  RBAC filter made, known from its access log) and the candidate reads any header (an
+  Istio ``request.headers[…]``, a Rego module that reads headers): an absent header
+  would be a guess too;
 - the body was not kept (or cut) and a Rego module reads a body;
 - a redacted query value and a Rego module that reads the query, or the raw path
   (``input.attributes.request.http.path`` and ``:path`` hold the query too);
@@ -47,6 +51,7 @@ from authz.rego_scan import request_reads
 __all__ = [
     "ALLOW_TO_DENY",
     "DENY_TO_ALLOW",
+    "UNLOGGED_HEADERS",
     "Candidate",
     "Dependencies",
     "Replay",
@@ -56,6 +61,8 @@ __all__ = [
 
 ALLOW_TO_DENY = "allow_to_deny"
 DENY_TO_ALLOW = "deny_to_allow"
+# In ``redacted``: the stored request has only the headers Envoy's access log carried.
+UNLOGGED_HEADERS = "header:*"
 
 
 class Decider(Protocol):
@@ -78,6 +85,18 @@ class Dependencies:
             kind, _, name = item.partition(":")
             if kind == "request":
                 return "no request snapshot was stored"
+            if item == UNLOGGED_HEADERS:
+                if self.istio_headers:
+                    return (
+                        "an Istio policy reads a request header, and only the headers "
+                        "Envoy's access log carried are stored"
+                    )
+                if rego and (self.rego_any_header or "header" in self.rego_text):
+                    return (
+                        "a Rego module reads request headers, and only the headers "
+                        "Envoy's access log carried are stored"
+                    )
+                continue
             if kind == "header" and name in self.istio_headers:
                 return f"an Istio policy reads header {name}, which is not stored"
             if not rego:

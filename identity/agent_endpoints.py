@@ -1,4 +1,4 @@
-"""The agent socket: SPIFFE Workload API and Envoy SDS, with gRPC health and reflection.
+"""The agent socket: SPIFFE Workload API, Envoy SDS and ECDS, with gRPC health and reflection.
 
 Workloads connect to ``socket`` (reachable by any user); the grpc.aio server itself
 listens inside ``private_dir`` (0700) behind a :class:`PeerFront`, so every call is
@@ -13,12 +13,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
+from envoy.service.extension.v3 import config_discovery_pb2
 from envoy.service.secret.v3 import sds_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 
+from identity.ecds import ExtensionConfigDiscoveryServicer, add_ecds_servicer
+from identity.extension_configs import ExtensionConfigSource
 from identity.handshake_offload import HandshakeOffload
 from identity.peer_front import PeerFront
 from identity.sds import SecretDiscoveryServicer, add_sds_servicer
@@ -30,6 +33,9 @@ __all__ = ["AgentEndpoints"]
 
 _WORKLOAD_SERVICE = workload_pb2.DESCRIPTOR.services_by_name["SpiffeWorkloadAPI"].full_name
 _SDS_SERVICE = sds_pb2.DESCRIPTOR.services_by_name["SecretDiscoveryService"].full_name
+_ECDS_SERVICE = config_discovery_pb2.DESCRIPTOR.services_by_name[
+    "ExtensionConfigDiscoveryService"
+].full_name
 
 
 class AgentEndpoints:
@@ -43,7 +49,11 @@ class AgentEndpoints:
         sign_jwt: JwtSigner,
         disable_spiffe_cert_validation: bool = False,
         offload: HandshakeOffload | None = None,
+        extension_configs: ExtensionConfigSource | None = None,
+        no_extension_configs: str = "this agent serves no extension configs",
     ) -> None:
+        """``extension_configs`` is what ECDS serves; without it ECDS refuses every call
+        with ``no_extension_configs`` (which should say how to configure it)."""
         self.socket = socket
         self._private_dir = private_dir
         self._inner = private_dir / "grpc.sock"
@@ -56,6 +66,9 @@ class AgentEndpoints:
             source,
             disable_spiffe_cert_validation=disable_spiffe_cert_validation,
             offload=offload,
+        )
+        self.ecds = ExtensionConfigDiscoveryServicer(
+            self.attestor, source, extension_configs, unconfigured=no_extension_configs
         )
         self._server: grpc.aio.Server | None = None
         self.health = health_aio.HealthServicer()
@@ -71,7 +84,8 @@ class AgentEndpoints:
             server,
         )
         add_sds_servicer(self.sds, server)
-        names = [_WORKLOAD_SERVICE, _SDS_SERVICE]
+        add_ecds_servicer(self.ecds, server)
+        names = [_WORKLOAD_SERVICE, _SDS_SERVICE, _ECDS_SERVICE]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names.append(health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
         names.append(reflection.SERVICE_NAME)

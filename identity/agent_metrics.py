@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from identity.ecds import EcdsStats
 from identity.handshake_offload import HandshakeOffload
 from identity.key_provider_config import KeyProvider
 from identity.sds import SdsStats
@@ -17,20 +18,28 @@ __all__ = ["agent_registry"]
 
 
 def agent_registry(
-    cache: WorkloadCache, sds: SdsStats, offload: HandshakeOffload | None = None
+    cache: WorkloadCache,
+    sds: SdsStats,
+    offload: HandshakeOffload | None = None,
+    ecds: EcdsStats | None = None,
 ) -> CollectorRegistry:
     registry = CollectorRegistry()
-    registry.register(_AgentCollector(cache, sds, offload))
+    registry.register(_AgentCollector(cache, sds, offload, ecds))
     return registry
 
 
 class _AgentCollector(Collector):
     def __init__(
-        self, cache: WorkloadCache, sds: SdsStats, offload: HandshakeOffload | None
+        self,
+        cache: WorkloadCache,
+        sds: SdsStats,
+        offload: HandshakeOffload | None,
+        ecds: EcdsStats | None,
     ) -> None:
         self._cache = cache
         self._sds = sds
         self._offload = offload
+        self._ecds = ecds
 
     def collect(self) -> Iterable[Metric]:
         yield GaugeMetricFamily(
@@ -54,8 +63,44 @@ class _AgentCollector(Collector):
             ),
         ):
             yield CounterMetricFamily(name, help_text, value=value)
+        if self._ecds is not None:
+            yield from self._ecds_metrics(self._ecds)
         if self._offload is not None:
             yield from self._offload_metrics(self._offload)
+
+    @staticmethod
+    def _ecds_metrics(ecds: EcdsStats) -> Iterable[Metric]:
+        for name, help_text, value in (
+            ("meshward_ecds_streams", "ECDS streams opened", ecds.streams),
+            ("meshward_ecds_responses", "ECDS responses sent", ecds.responses),
+            ("meshward_ecds_nacks", "ECDS responses Envoy rejected (NACK)", ecds.nacks),
+            (
+                "meshward_ecds_denied",
+                "ECDS calls refused: the caller was not attested or matches no entry",
+                ecds.denied,
+            ),
+            (
+                "meshward_ecds_refused",
+                "ECDS calls ended because the configs asked for could not be built",
+                ecds.refused,
+            ),
+        ):
+            yield CounterMetricFamily(name, help_text, value=value)
+        envoys = ecds.open_streams()
+        yield GaugeMetricFamily(
+            "meshward_ecds_envoys", "Envoys with an open ECDS stream", value=len(envoys)
+        )
+        yield GaugeMetricFamily(
+            "meshward_ecds_envoys_rejecting",
+            "Envoys whose latest ECDS response was rejected: they keep their last good configs",
+            value=sum(e.rejected is not None for e in envoys),
+        )
+        yield GaugeMetricFamily(
+            "meshward_ecds_envoys_not_updated",
+            "Envoys the latest policy generation could not be built for: they keep their "
+            "last good configs",
+            value=sum(e.unserved is not None for e in envoys),
+        )
 
     @staticmethod
     def _offload_metrics(offload: HandshakeOffload) -> Iterable[Metric]:

@@ -15,6 +15,7 @@ applies, the ``field`` it is about, so the admin API and the CLI can show it as 
     ├── AttestationError           the caller's process could not be identified
     ├── NotEntitledError           SDS resources the caller's attestation does not cover
     ├── ValidatorUnavailableError  a validation context the caller's Envoy cannot take
+    ├── ExtensionConfigError       ECDS configs the agent cannot build for an Envoy's workload
     ├── UpstreamAuthorityError     upstream CA files unusable
     ├── CAUnavailableError         no usable signing authority
     └── StoreError                 database unreachable or failing
@@ -28,6 +29,7 @@ __all__ = [
     "AttestationError",
     "CAUnavailableError",
     "ConflictError",
+    "ExtensionConfigError",
     "IdentityError",
     "InvalidCSRError",
     "InvalidInputError",
@@ -102,6 +104,14 @@ class NotEntitledError(IdentityError):
 
 class ValidatorUnavailableError(IdentityError):
     code = "sds_validator_unavailable"
+
+
+class ExtensionConfigError(IdentityError):
+    """The extension configs an Envoy asks for cannot be built now (no policy directory,
+    no policy set loaded, a policy its workload's filters cannot express); the message
+    says what to fix. The Envoy keeps what it has."""
+
+    code = "ecds_unavailable"
 
 
 class WrongTypeError(InvalidInputError):

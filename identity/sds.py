@@ -29,13 +29,13 @@ plain certificates from then on; a rejected plain certificate is handled as befo
 no NACK to fall back on.
 
 The servicer is the transport edge: it attests the caller once per call, subscribes,
-and feeds requests and updates to the protocol state in :mod:`identity.xds`. It picks
+and feeds requests and updates (raced by :mod:`identity.xds_transport`) to the protocol
+state in :mod:`identity.xds`, which ECDS (:mod:`identity.ecds`) shares. It picks
 every gRPC status (STYLE point 3); the rendering below raises typed errors only.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -78,6 +78,7 @@ from identity.xds import (
     check_type,
     collection_version,
 )
+from identity.xds_transport import serve_stream
 
 __all__ = [
     "ALL_BUNDLES",
@@ -98,6 +99,8 @@ DEFAULT_BUNDLE = "ROOTCA"
 ALL_BUNDLES = "ALL"
 SPIFFE_VALIDATOR = "envoy.tls.cert_validator.spiffe"
 DISABLE_SPIFFE_KEY = "disable_spiffe_cert_validation"
+_SecretRender = Render[WorkloadUpdate, secret_pb2.Secret]
+_SecretNack = OnNack[secret_pb2.Secret]
 
 # -- rendering (pure) ---------------------------------------------------------------------
 
@@ -279,7 +282,7 @@ class SecretDiscoveryServicer:
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
         async with self._subscription(context) as (subscription, caller):
-            streams: list[SotwStream] = []
+            streams: list[SotwStream[secret_pb2.Secret, WorkloadUpdate]] = []
 
             def on_request(
                 request: discovery_pb2.DiscoveryRequest, update: WorkloadUpdate
@@ -304,7 +307,7 @@ class SecretDiscoveryServicer:
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
         async with self._subscription(context) as (subscription, caller):
-            streams: list[DeltaStream] = []
+            streams: list[DeltaStream[secret_pb2.Secret, WorkloadUpdate]] = []
 
             def on_request(
                 request: discovery_pb2.DeltaDiscoveryRequest, update: WorkloadUpdate
@@ -346,13 +349,15 @@ class SecretDiscoveryServicer:
 
     # -- internals ------------------------------------------------------------------------
 
-    def _renderer(self, node: base_pb2.Node) -> Render:
+    def _renderer(self, node: base_pb2.Node) -> _SecretRender:
         return partial(
             render_secrets,
             spiffe_validator=spiffe_validation(node, disabled_by_default=self._disable_spiffe),
         )
 
-    def _stream_render(self, node: base_pb2.Node, caller: str) -> tuple[Render, OnNack | None]:
+    def _stream_render(
+        self, node: base_pb2.Node, caller: str
+    ) -> tuple[_SecretRender, _SecretNack | None]:
         """The render of one stream, and what to do when its Envoy rejects a response."""
         if self.offload is None:
             return self._renderer(node), None
@@ -406,37 +411,18 @@ class SecretDiscoveryServicer:
         on_request: Callable[[_Request, WorkloadUpdate], Any],
         on_update: Callable[[WorkloadUpdate], Any],
     ) -> None:
-        """Wait for whichever comes first, a request or an update, until the client leaves."""
-        incoming = aiter(requests)
-        seen = subscription.latest.version
-        next_request: asyncio.Future[Any] = asyncio.ensure_future(anext(incoming, None))
-        next_update: asyncio.Future[WorkloadUpdate] = asyncio.ensure_future(
-            subscription.changed(seen)
+        def sent() -> None:
+            self.stats.responses += 1
+
+        await serve_stream(
+            requests,
+            context,
+            subscription,
+            on_request=on_request,
+            on_update=on_update,
+            fail=partial(self._fail, context),
+            sent=sent,
         )
-        try:
-            while True:
-                await asyncio.wait((next_request, next_update), return_when=asyncio.FIRST_COMPLETED)
-                response = None
-                try:
-                    if next_request.done():
-                        request = next_request.result()
-                        if request is None:
-                            return  # the client closed its side
-                        next_request = asyncio.ensure_future(anext(incoming, None))
-                        response = on_request(request, subscription.latest)
-                    else:
-                        update = next_update.result()
-                        seen = update.version
-                        next_update = asyncio.ensure_future(subscription.changed(seen))
-                        response = on_update(update)
-                except IdentityError as exc:
-                    await self._fail(context, exc)
-                if response is not None:
-                    await context.write(response)
-                    self.stats.responses += 1
-        finally:
-            for future in (next_request, next_update):
-                future.cancel()
 
     async def _fail(
         self, context: grpc.aio.ServicerContext[Any, Any], exc: IdentityError

@@ -1,10 +1,12 @@
 """Process wiring for ``meshward authz``: policy store, Check servicer, health, reload loop.
 
-gRPC (Check, the standard health service, reflection) listens on ``authz.listen``: TCP
-or a Unix socket, plaintext or, with ``authz.tls``, mTLS with the process's own
-X509-SVID from the agent. ``/live``, ``/ready`` and ``/metrics`` are served on
-``authz.health_listen`` the way the server and the agent serve them. Decisions go to
-the audit spool, drained by a shipper child (``meshward.authz_audit``).
+gRPC (Check, Envoy's access-log and metrics services, the standard health service,
+reflection) listens on ``authz.listen``: TCP or a Unix socket, plaintext or, with
+``authz.tls``, mTLS with the process's own X509-SVID from the agent. ``/live``,
+``/ready`` and ``/metrics`` are served on ``authz.health_listen`` the way the server
+and the agent serve them. Decisions go to the audit spool, drained by a shipper child
+(``meshward.authz_audit``); so do those Envoy enforced itself, from its access log
+(``meshward.authz_telemetry``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from authz.server import AuthorizationServicer
 from authz.workload_svid import SvidCredentials, WorkloadSvidWatcher
 from identity.health_api import health_router
 from meshward.authz_audit import AuthzAudit
+from meshward.authz_telemetry import ACCESS_LOG_SERVICE, AuthzTelemetry
 from meshward.config import AuthzTLSConfig, Config, ConfigError
 from meshward.durations import format_duration
 from meshward.lifeline import watch as lifeline_watch
@@ -199,12 +202,14 @@ class AuthzStatus:
         watcher: WorkloadSvidWatcher | None = None,
         rego_mode: str = "custom",
         audit: AuthzAudit | None = None,
+        telemetry: AuthzTelemetry | None = None,
     ) -> None:
         self._store = store
         self._credentials = credentials
         self._watcher = watcher
         self._rego_mode = rego_mode
         self._audit = audit
+        self._telemetry = telemetry
         self.grpc_listening: str | None = None  # the address, once gRPC serves
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
@@ -228,6 +233,8 @@ class AuthzStatus:
         if self._audit is not None:
             audit_ok, details["audit"] = self._audit.details()
             ok = ok and audit_ok
+        if self._telemetry is not None:
+            details["access_log"] = self._telemetry.details()
         return ok, details
 
     def _policy_set(self) -> dict[str, Any] | None:
@@ -345,6 +352,9 @@ async def _serve(
         audit_required=audit.required,
         on_served=audit.policy_set_served,
     )
+    telemetry = AuthzTelemetry(
+        config, sink=audit.writer, redaction=audit.redaction, registry=registry
+    )
     tls = config.authz.tls
     credentials: SvidCredentials | None = None
     watcher: WorkloadSvidWatcher | None = None
@@ -357,6 +367,7 @@ async def _serve(
         watcher=watcher,
         rego_mode=config.authz.rego.mode,
         audit=audit,
+        telemetry=telemetry,
     )
     if credentials is not None:
         Gauge(
@@ -377,7 +388,7 @@ async def _serve(
     if lifeline is not None:
         lifeline_watch(lifeline, lambda: loop.call_soon_threadsafe(stopped.set))
     shipper = asyncio.create_task(audit.supervise_shipper())
-    tasks: list[asyncio.Task[None]] = []
+    tasks: list[asyncio.Task[None]] = [asyncio.create_task(telemetry.keep_ledger())]
     http = http_task = None
     if health_sock is not None:
         app = FastAPI(title="meshward authz health")
@@ -392,7 +403,7 @@ async def _serve(
             tasks.append(asyncio.create_task(watcher.run()))
             if not await _first_svid(watcher, tls, stopped):
                 return
-        server = _grpc_server(config, servicer, health, registry)
+        server = _grpc_server(config, servicer, health, registry, telemetry)
         port = _bind(server, address, credentials)
         await server.start()
         if watcher is None:
@@ -422,6 +433,7 @@ async def _serve(
         await asyncio.gather(*tasks, return_exceptions=True)
         # Nothing decides any more: close the spool, then let the shipper drain it.
         audit.close()
+        telemetry.ledger.save()  # receipts of streams that ended after its last save
         shipper.cancel()
         await asyncio.gather(shipper, return_exceptions=True)
 
@@ -458,6 +470,7 @@ def _grpc_server(
     servicer: AuthorizationServicer,
     health: health_aio.HealthServicer,
     registry: CollectorRegistry,
+    telemetry: AuthzTelemetry,
 ) -> grpc.aio.Server:
     tls = config.authz.tls
     interceptors = (
@@ -468,10 +481,12 @@ def _grpc_server(
     # No SO_REUSEPORT: a second authz on the same port must fail, not share the traffic.
     server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(servicer, server)
+    telemetry.add_to(server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         [
             _SERVICE,
+            ACCESS_LOG_SERVICE,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ],

@@ -36,6 +36,8 @@ from meshward.durations import format_duration, parse_duration
 __all__ = ["main"]
 
 if TYPE_CHECKING:
+    from authz.istio_lint import LintFinding
+    from authz.istio_policy import PolicySet
     from meshward.envoy_bootstrap import Upstream
 
 UP_TRUST_DOMAIN = "example.org"  # the embedded default of `meshward up`
@@ -106,9 +108,10 @@ def up(
 
     Entries created without --parent-id belong to this agent; workloads reach it at
     unix://<data-dir>/agent.sock (export it as SPIFFE_ENDPOINT_SOCKET). Authz (a child
-    process) serves ext_authz on authz.listen (127.0.0.1:9191) from --policies; the audit
-    API and page are on audit.listen (127.0.0.1:8090). "" turns either off. Ctrl-C or
-    SIGTERM stops all of it.
+    process) serves ext_authz on authz.listen (127.0.0.1:9191) from --policies, and the
+    agent serves the same policies to native and hybrid sidecars as Envoy RBAC filters
+    (ECDS; agent.policies names another directory); the audit API and page are on
+    audit.listen (127.0.0.1:8090). "" turns either off. Ctrl-C or SIGTERM stops all of it.
     """
     config = config_from(
         config_path,
@@ -123,7 +126,13 @@ def up(
     from meshward.up import policies_dir
 
     setup_logging(config)
-    run(config, agent=True, policies=policies_dir(policies) if config.authz.listen else None)
+    authz_policies = policies_dir(policies) if config.authz.listen else None
+    # The agent serves the same directory to native and hybrid sidecars, unless
+    # agent.policies names another; with authz off, only an explicit --policies.
+    agent_policies = config.agent.policies or authz_policies
+    if agent_policies is None and policies is not None:
+        agent_policies = policies_dir(policies)
+    run(config, agent=True, policies=authz_policies, agent_policies=agent_policies)
 
 
 @cli.command()
@@ -138,6 +147,12 @@ def up(
     type=click.Path(path_type=Path, dir_okay=False),
     help="Bundle (PEM) to verify the server at first attestation.",
 )
+@click.option(
+    "--policies",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Policy directory to serve to native and hybrid sidecars as Envoy RBAC filters "
+    "over ECDS (agent.policies; the one authz serves).",
+)
 @log_level_option
 @handle_errors
 def agent(
@@ -148,9 +163,10 @@ def agent(
     attestation_address: str | None,
     join_token: str | None,
     trust_bundle: Path | None,
+    policies: Path | None,
     log_level: str | None,
 ) -> None:
-    """Run a node agent: attest to the server, serve the Workload API and SDS to workloads.
+    """Run a node agent: attest to the server, serve the Workload API, SDS and ECDS to workloads.
 
     A restarted agent resumes with the SVID it keeps in <data-dir>/agent/; the join token
     is needed once.
@@ -166,6 +182,7 @@ def agent(
             "agent.attestation_address": attestation_address,
             "agent.join_token": join_token,
             "agent.trust_bundle_path": trust_bundle,
+            "agent.policies": policies,
         },
     )
     setup_logging(config)
@@ -240,6 +257,15 @@ def policy() -> None:
 )
 @click.option("--trust-domain", help="Trust domain (env MESHWARD_TRUST_DOMAIN).")
 @click.option("--strict", is_flag=True, help="Exit 1 on warnings too, not only on errors.")
+@click.option(
+    "--authz-mode",
+    type=click.Choice(["native", "ext_authz", "hybrid"]),
+    default="hybrid",
+    show_default=True,
+    help="How the sidecars enforce these policies (as `meshward envoy bootstrap`): in native "
+    "and hybrid mode what Envoy's RBAC filters cannot express is an error, in ext_authz "
+    "mode a warning.",
+)
 @handle_errors
 def policy_lint(
     config_path: Path | None,
@@ -248,12 +274,14 @@ def policy_lint(
     directory: Path,
     trust_domain: str | None,
     strict: bool,
+    authz_mode: str,
 ) -> None:
     """Check DIRECTORY/istio and DIRECTORY/rego as `meshward authz` loads them; print each problem.
 
     AuthorizationPolicy problems print as FILE[DOCUMENT] FIELD, Rego ones as FILE:LINE.
-    Errors (the policies would not load) exit 1; warnings (policies that load but
-    cannot do what they appear to) exit 0 unless --strict.
+    Errors (the policies would not load, or, for native and hybrid sidecars, Envoy's
+    RBAC filters cannot enforce them) exit 1; warnings (policies that load but cannot
+    do what they appear to) exit 0 unless --strict.
     """
     from authz.istio_lint import LintFinding, Severity, lint
     from meshward.authz_runtime import policy_store
@@ -296,6 +324,7 @@ def policy_lint(
         for name in sorted(served.rego.unknown_dry_run_packages if served.rego else ()):
             message = f"authz.rego.dry_run_packages lists {name}, which no module defines"
             findings.append((LintFinding(rego_dir, 0, "", message), None))
+        findings += [(f, None) for f in _native_findings(policy_set, authz_mode)]
 
     def text(finding: LintFinding, line: int | None) -> str:
         if line is None and not Path(finding.file).is_relative_to(store.rego_dir):
@@ -306,7 +335,7 @@ def policy_lint(
 
     errors = sum(f.severity is Severity.ERROR for f, _ in findings)
     warnings = len(findings) - errors
-    ok = loaded and not (strict and warnings)
+    ok = loaded and not errors and not (strict and warnings)
     count = len(served.istio.policies) if served else 0
     modules = served.rego.modules if served and served.rego else 0
     emit(
@@ -329,6 +358,47 @@ def policy_lint(
     )
     if not ok:
         sys.exit(1)
+
+
+def _native_findings(policy_set: PolicySet, authz_mode: str) -> list[LintFinding]:
+    """What Envoy's RBAC filters cannot enforce, as native and hybrid sidecars need."""
+    from authz.istio_lint import LintFinding, Severity
+    from authz.istio_policy import Action
+    from authz.rbac_translation import translation_issues
+
+    findings = []
+    native = authz_mode != "ext_authz"
+    for issue in translation_issues(policy_set):
+        consequence = (
+            f" (--authz-mode {authz_mode}: the workloads it applies to get no RBAC filters, "
+            "so their sidecars stay unready or keep their previous filters, until it is "
+            "changed; ext_authz mode enforces it)"
+            if native
+            else " (only native and hybrid sidecars would refuse it)"
+        )
+        findings.append(
+            LintFinding(
+                issue.file,
+                issue.document,
+                issue.field,
+                issue.message + consequence,
+                Severity.ERROR if native else Severity.WARNING,
+            )
+        )
+    if authz_mode == "native":
+        for policy in policy_set.policies:
+            if policy.action is Action.CUSTOM and not policy.dry_run:
+                findings.append(
+                    LintFinding(
+                        policy.file,
+                        policy.document,
+                        "spec.action",
+                        f"CUSTOM policy {policy.namespace}/{policy.name}: native sidecars run "
+                        "no ext_authz, so every request it selects is denied; use "
+                        "--authz-mode hybrid for the workloads it applies to",
+                    )
+                )
+    return findings
 
 
 def _policy_toolconfig_from(
@@ -533,6 +603,21 @@ def envoy() -> None:
 )
 @click.option("--access-log", help="Access log path, e.g. /dev/stdout (default: none).")
 @click.option(
+    "--authz-mode",
+    type=click.Choice(["native", "ext_authz", "hybrid"]),
+    default="hybrid",
+    show_default=True,
+    help="native: Istio policies as Envoy RBAC filters from the agent (ECDS), no ext_authz; "
+    "ext_authz: every request asks authz; hybrid: the RBAC filters, then ext_authz where a "
+    "CUSTOM (Rego) policy applies.",
+)
+@click.option(
+    "--rego-always",
+    is_flag=True,
+    help="hybrid: send every request the RBAC filters allowed to ext_authz, for authz "
+    "with authz.rego.mode: always.",
+)
+@click.option(
     "--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True
 )
 @handle_errors
@@ -552,16 +637,29 @@ def envoy_bootstrap(
     jwt_issuer: str | None,
     jwks_file: Path | None,
     access_log: str | None,
+    authz_mode: str,
+    rego_always: bool,
     fmt: str,
 ) -> None:
-    """Print a sidecar bootstrap: inbound mTLS with SVIDs from the agent and ext_authz to
-    authz, outbound by Host to the --upstream sidecars over mTLS."""
-    import yaml
+    """Print a sidecar bootstrap: inbound mTLS with SVIDs from the agent, policies enforced
+    as --authz-mode says, outbound by Host to the --upstream sidecars over mTLS.
 
-    from meshward.envoy_bootstrap import JwtIssuer, sidecar_bootstrap
+    native and hybrid take the RBAC filters from the agent (which serves agent.policies;
+    `meshward up`: --policies), for the workload named by --namespace, --label, --service.
+    """
+    from meshward.envoy_bootstrap import AuthzMode, JwtIssuer, dump_yaml, sidecar_bootstrap
 
     if (jwt_issuer is None) != (jwks_file is None):
         raise click.UsageError("--jwt-issuer and --jwks-file go together")
+    if rego_always and authz_mode != AuthzMode.HYBRID:
+        raise click.UsageError(
+            f"--rego-always is for --authz-mode hybrid; in {authz_mode} mode "
+            + (
+                "no request goes to ext_authz"
+                if authz_mode == AuthzMode.NATIVE
+                else "every request already goes to ext_authz"
+            )
+        )
 
     parsed: dict[str, str] = {}
     for label in labels:
@@ -586,11 +684,13 @@ def envoy_bootstrap(
         if jwt_issuer and jwks_file
         else None,
         access_log=access_log,
+        authz_mode=AuthzMode(authz_mode),
+        rego_always=rego_always,
     )
     if fmt == "json":
         click.echo(json.dumps(bootstrap, indent=2))
     else:
-        click.echo(yaml.safe_dump(bootstrap, sort_keys=False), nl=False)
+        click.echo(dump_yaml(bootstrap), nl=False)
 
 
 def _upstream_option(value: str) -> Upstream:

@@ -170,6 +170,10 @@ class AgentConfig(_Section):
     # loads the Envoy protos, which every CLI command would pay for).
     cryptomb_poll_delay: Duration = timedelta(milliseconds=10)  # a batch waits this long
     qat_poll_delay: Duration = timedelta(milliseconds=5)  # Envoy polls QAT this often
+    # The policy directory (istio/, rego/) whose AuthorizationPolicies the agent serves to
+    # native and hybrid sidecars as Envoy RBAC filters over ECDS: the one `meshward authz`
+    # serves. Unset: `meshward up` uses its --policies; a stand-alone agent serves none.
+    policies: Path | None = None
 
     @field_validator("cryptomb_poll_delay", "qat_poll_delay")
     @classmethod

@@ -1,38 +1,75 @@
-"""Envoy bootstraps for meshward sidecars: SVIDs from the agent over SDS, ext_authz to authz.
+"""Envoy bootstraps for meshward sidecars: SVIDs from the agent over SDS, policies enforced by
+Envoy's RBAC filters (from the agent over ECDS), by ext_authz to authz, or both.
 
-Pure functions returning dicts (dump them as JSON or YAML); nothing here starts a
-process. The shapes are the ones a SPIRE-era Envoy config uses, so the same bootstrap
-works against either agent: a static gRPC cluster to the agent's Unix socket (HTTP/2),
-``default`` as the TLS certificate, ``ROOTCA`` as the validation context. The end-to-end
-tests run these very shapes; ``meshward envoy bootstrap`` prints :func:`sidecar_bootstrap`.
+Pure functions returning dicts (dump them as JSON, or as YAML with :func:`dump_yaml`);
+nothing here starts a process. The shapes are the ones a SPIRE-era Envoy config uses, so
+the same bootstrap works against either agent: a static gRPC cluster to the agent's Unix
+socket (HTTP/2), ``default`` as the TLS certificate, ``ROOTCA`` as the validation context.
+The end-to-end tests run these very shapes; ``meshward envoy bootstrap`` prints
+:func:`sidecar_bootstrap`.
+
+A sidecar enforces AuthorizationPolicy in one of three modes (:class:`AuthzMode`):
+
+- ``ext_authz``: every request asks ``meshward authz`` (Istio and Rego policies);
+- ``native``: the Istio policies run in Envoy, as the RBAC chain the agent serves over
+  ECDS (``meshward.rbac.http``, one resource: ``authz.rbac_chain``); no ext_authz, so a
+  request a CUSTOM policy selects is denied;
+- ``hybrid``: the RBAC chain first, then ext_authz only for requests a CUSTOM policy
+  selected (Istio's mechanism: the CUSTOM slot's metadata enables the filter), or for
+  every request the chain let through when Rego runs on all of them
+  (``authz.rego.mode: always``).
+
+In native and hybrid mode the node metadata tells the agent which workload the sidecar
+protects (``meshward.workload``, as ``context_extensions`` tell ext_authz), and the
+runtime the RBAC filters need to decide as meshward's engine does is set.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from authz.rbac_chain import EXTENSION_WITH_MATCHER, HTTP_CHAIN, custom_unavailable_filter
 from authz.rbac_matchers import JWT_PAYLOAD_KEY
+from authz.rbac_translation import ENVOY_RUNTIME, Family, ext_authz_enabled_metadata
+from identity.extension_configs import AUTHZ_MODE_METADATA_KEY, WORKLOAD_METADATA_KEY
 
 __all__ = [
     "AGENT_CLUSTER",
     "AUTHZ_CLUSTER",
     "JWT_AUTHN_FILTER",
+    "AuthzMode",
     "JwtIssuer",
     "Upstream",
     "agent_cluster",
     "authz_cluster",
     "client_bootstrap",
     "common_tls_context",
+    "dump_yaml",
     "ext_authz_filter",
     "jwt_authn_filter",
+    "rbac_chain_filter",
     "sds_secret",
     "server_bootstrap",
     "sidecar_bootstrap",
     "workload_extensions",
+    "workload_metadata",
 ]
+
+
+class AuthzMode(StrEnum):
+    """Where a sidecar's policies are enforced (see the module docstring)."""
+
+    NATIVE = "native"
+    EXT_AUTHZ = "ext_authz"
+    HYBRID = "hybrid"
+
 
 AGENT_CLUSTER = "meshward_agent"
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -74,21 +111,49 @@ def agent_cluster(agent_socket: Path, *, name: str = AGENT_CLUSTER) -> dict[str,
     return _grpc_cluster(name, {"pipe": {"path": str(agent_socket)}})
 
 
-def sds_secret(name: str, *, cluster: str = AGENT_CLUSTER) -> dict[str, Any]:
+def _agent_config_source(cluster: str) -> dict[str, Any]:
     return {
-        "name": name,
-        "sds_config": {
-            "resource_api_version": "V3",
-            # Wait for the secret however long it takes: a workload the agent does not know
-            # must stay unready rather than come up without a certificate after 15 s.
-            "initial_fetch_timeout": "0s",
-            "api_config_source": {
-                "api_type": "GRPC",
-                "transport_api_version": "V3",
-                "grpc_services": [{"envoy_grpc": {"cluster_name": cluster}}],
-            },
+        "resource_api_version": "V3",
+        # Wait for the resource however long it takes: a workload the agent does not know
+        # (or whose policies it cannot serve) must stay unready rather than come up
+        # without a certificate or its filters after 15 s.
+        "initial_fetch_timeout": "0s",
+        "api_config_source": {
+            "api_type": "GRPC",
+            "transport_api_version": "V3",
+            "grpc_services": [{"envoy_grpc": {"cluster_name": cluster}}],
         },
     }
+
+
+def sds_secret(name: str, *, cluster: str = AGENT_CLUSTER) -> dict[str, Any]:
+    return {"name": name, "sds_config": _agent_config_source(cluster)}
+
+
+def rbac_chain_filter(*, cluster: str = AGENT_CLUSTER) -> dict[str, Any]:
+    """The workload's RBAC chain, from the agent over ECDS.
+
+    No default config: until the agent has sent the chain the listener does not serve,
+    and a filter whose config is missing answers 500 (Envoy's missing-config filter):
+    no request goes through unchecked. A lost ECDS stream leaves the last chain in place.
+    """
+    return {
+        "name": HTTP_CHAIN,
+        "config_discovery": {
+            "config_source": _agent_config_source(cluster),
+            "type_urls": [EXTENSION_WITH_MATCHER],
+        },
+    }
+
+
+def workload_metadata(
+    namespace: str, labels: dict[str, str], service: str | None, mode: AuthzMode
+) -> dict[str, Any]:
+    """Node metadata: which workload the agent serves RBAC filters for, and the mode."""
+    workload: dict[str, Any] = {"namespace": namespace, "labels": dict(labels)}
+    if service:
+        workload["service"] = service
+    return {WORKLOAD_METADATA_KEY: workload, AUTHZ_MODE_METADATA_KEY: str(mode)}
 
 
 def common_tls_context(
@@ -153,9 +218,10 @@ def authz_cluster(port: int, *, authz_id: str | None = None) -> dict[str, Any]:
     return cluster
 
 
-def ext_authz_filter() -> dict[str, Any]:
-    """Every request asks meshward; if it cannot answer, the request is denied (fail closed)."""
-    return {
+def ext_authz_filter(*, enabled_by_custom: bool = False) -> dict[str, Any]:
+    """Every request asks meshward (with ``enabled_by_custom``, only those a CUSTOM policy
+    of the RBAC chain before it selected); if it cannot answer, the request is denied."""
+    config: dict[str, Any] = {
         "name": "envoy.filters.http.ext_authz",
         "typed_config": {
             "@type": _EXT_AUTHZ,
@@ -170,6 +236,9 @@ def ext_authz_filter() -> dict[str, Any]:
             "metadata_context_namespaces": [JWT_AUTHN_FILTER],
         },
     }
+    if enabled_by_custom:
+        config["typed_config"]["filter_enabled_metadata"] = ext_authz_enabled_metadata(Family.HTTP)
+    return config
 
 
 def workload_extensions(
@@ -473,8 +542,10 @@ def sidecar_bootstrap(
     labels: dict[str, str],
     service: str | None,
     agent_socket: Path,
-    authz_port: int,
     app_port: int,
+    authz_port: int | None = None,
+    authz_mode: AuthzMode = AuthzMode.EXT_AUTHZ,
+    rego_always: bool = False,
     inbound_port: int = 15006,
     admin_port: int = 15000,
     authz_id: str | None = None,
@@ -483,14 +554,27 @@ def sidecar_bootstrap(
     jwt_issuer: JwtIssuer | None = None,
     access_log: str | None = None,
 ) -> dict[str, Any]:
-    """A sidecar: inbound mTLS with the workload's SVID, every request checked by authz.
+    """A sidecar: inbound mTLS with the workload's SVID, every request checked as
+    ``authz_mode`` says (ext_authz to authz on ``authz_port`` by default; the CLI's
+    default is hybrid).
 
     Requests that pass go to the application on 127.0.0.1:``app_port``. With ``authz_id``
-    the sidecar reaches authz over mTLS and requires that SPIFFE ID of it. With
+    the sidecar reaches authz over mTLS and requires that SPIFFE ID of it. In hybrid
+    mode ``rego_always`` sends every request the RBAC chain allowed to ext_authz (for
+    ``authz.rego.mode: always``), not only those a CUSTOM policy selected. With
     ``outbound_port`` the application reaches ``upstreams`` through it by Host name, over
     mTLS, each required to present its SPIFFE ID. ``jwt_issuer`` verifies end-user tokens
     before the check; ``access_log`` (a path, e.g. /dev/stdout) logs every request.
     """
+    mode = AuthzMode(authz_mode)
+    ext_authz = mode is not AuthzMode.NATIVE
+    if ext_authz and authz_port is None:
+        raise ValueError(f"authz_port is needed in {mode} mode (where ext_authz runs)")
+    if rego_always and mode is not AuthzMode.HYBRID:
+        raise ValueError(
+            f"rego_always applies to hybrid mode only ({mode} mode sends "
+            + ("every request to ext_authz)" if ext_authz else "none to ext_authz)")
+        )
     tls = {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
@@ -514,13 +598,20 @@ def sidecar_bootstrap(
             ],
         },
     }
-    route: dict[str, Any] = {
-        "route": {"cluster": "app"},
-        "typed_per_filter_config": workload_extensions(namespace, labels, service),
-    }
-    filters = [ext_authz_filter()]
+    route: dict[str, Any] = {"route": {"cluster": "app"}}
+    filters: list[dict[str, Any]] = []
     if jwt_issuer is not None:
-        filters.insert(0, jwt_authn_filter(jwt_issuer))
+        filters.append(jwt_authn_filter(jwt_issuer))
+    if mode is not AuthzMode.EXT_AUTHZ:
+        filters.append(rbac_chain_filter())
+    if mode is AuthzMode.NATIVE:
+        filters.append(custom_unavailable_filter())
+    else:
+        route["typed_per_filter_config"] = workload_extensions(namespace, labels, service)
+        # After the chain, never inside it (authz.rbac_chain says why).
+        filters.append(
+            ext_authz_filter(enabled_by_custom=mode is AuthzMode.HYBRID and not rego_always)
+        )
     inbound = _http_listener("inbound", inbound_port, route, tls, filters)
     manager = inbound["filter_chains"][0]["filters"][0]["typed_config"]
     # The application learns the caller's verified SPIFFE ID (and nothing a client sent).
@@ -528,19 +619,52 @@ def sidecar_bootstrap(
     manager["set_current_client_cert_details"] = {"uri": True}
     if access_log is not None:
         manager["access_log"] = _access_log(access_log)
+    # Audit of what the RBAC chain decides (native, hybrid): the access-log service's
+    # http_grpc logger joins manager["access_log"] here. Its receiver's cluster goes with
+    # the clusters below; a native sidecar has no authz cluster of its own yet.
     listeners = [inbound]
     if outbound_port is not None:
         listeners.append(_outbound_listener(outbound_port, upstreams, access_log))
-    return {
-        "node": _node(workload, None),
+    clusters = [app, agent_cluster(agent_socket)]
+    if ext_authz:
+        assert authz_port is not None
+        clusters.append(authz_cluster(authz_port, authz_id=authz_id))
+    clusters.extend(_upstream_cluster(u) for u in upstreams)
+    bootstrap: dict[str, Any] = {
+        "node": _node(
+            workload,
+            None
+            if mode is AuthzMode.EXT_AUTHZ
+            else workload_metadata(namespace, labels, service, mode),
+        ),
         "admin": _admin(admin_port),
-        "static_resources": {
-            "listeners": listeners,
-            "clusters": [
-                app,
-                agent_cluster(agent_socket),
-                authz_cluster(authz_port, authz_id=authz_id),
-                *(_upstream_cluster(u) for u in upstreams),
-            ],
-        },
     }
+    if mode is not AuthzMode.EXT_AUTHZ:
+        # The RBAC filters decide as the engine does only with this runtime.
+        bootstrap["layered_runtime"] = {
+            "layers": [{"name": "meshward-rbac", "static_layer": dict(ENVOY_RUNTIME)}]
+        }
+    bootstrap["static_resources"] = {"listeners": listeners, "clusters": clusters}
+    return bootstrap
+
+
+# Plain YAML scalars that Envoy's YAML reader (YAML 1.1 booleans included) takes for
+# something else than the string PyYAML meant: a label value "y" would become true.
+_AMBIGUOUS = re.compile(r"y|Y|n|N|yes|Yes|YES|no|No|NO|on|On|ON|off|Off|OFF|=|~")
+
+
+class _EnvoyDumper(yaml.SafeDumper):
+    pass
+
+
+def _string(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = '"' if _AMBIGUOUS.fullmatch(value) else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_EnvoyDumper.add_representer(str, _string)
+
+
+def dump_yaml(bootstrap: dict[str, Any]) -> str:
+    """YAML Envoy reads back as the same values (strings it would take as booleans quoted)."""
+    return yaml.dump(bootstrap, Dumper=_EnvoyDumper, sort_keys=False)

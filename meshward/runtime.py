@@ -45,6 +45,13 @@ from identity.upstream import load_upstream
 from identity.workload_attestation import ProcessAttestor
 from identity.workload_cache import WorkloadCache
 from meshward.config import Config, ConfigError
+from meshward.native_policies import (
+    NO_POLICIES,
+    NativePolicies,
+    NativePoliciesCollector,
+    agent_policies_ready,
+    native_policies,
+)
 
 __all__ = [
     "IdentityServer",
@@ -202,9 +209,16 @@ def bind_listeners(config: Config, *, agent: bool) -> Listeners:
 
 
 async def serve(
-    server: IdentityServer, listeners: Listeners, *, policies: Path | None = None
+    server: IdentityServer,
+    listeners: Listeners,
+    *,
+    policies: Path | None = None,
+    agent_policies: Path | None = None,
 ) -> None:
-    """Serve until SIGINT/SIGTERM; with ``policies`` (``up``) run authz on them as a child."""
+    """Serve until SIGINT/SIGTERM; with ``policies`` (``up``) run authz on them as a child.
+
+    ``agent_policies`` is the directory the local agent serves over ECDS as RBAC filters.
+    """
     config = server.config
     admin_app = create_admin_app(server.admin, registry=server.registry, ready=server.ready)
     servers = [(_Server(_uvicorn_config(admin_app)), listeners.admin)]
@@ -238,26 +252,35 @@ async def serve(
         tasks.append(asyncio.create_task(audit.keep_migrating()))
     endpoints = None
     if listeners.agent is not None:
-        endpoints, agent = _local_agent(server)
+        native = (
+            native_policies(config, agent_policies, trust_domain=server.ca.trust_domain.name)
+            if agent_policies is not None
+            else None
+        )
+        endpoints, agent = _local_agent(server, native)
         cache = agent.cache
         await agent.sync()
+        if native is not None:
+            native.accept(await asyncio.to_thread(native.read))
+            tasks.append(asyncio.create_task(native.run()))
         await endpoints.start(listeners.agent)
         tasks.append(asyncio.create_task(agent.run()))
         if listeners.agent_health is not None:
             agent_health = FastAPI(title="meshward agent health")
             offload = endpoints.sds.offload
+            ecds = endpoints.ecds.stats
+
+            def agent_ready() -> tuple[bool, dict[str, Any]]:
+                ok, policy_details = agent_policies_ready(native, ecds)
+                return ok, {
+                    "agent": server.admin.default_parent_id,
+                    "entries": len(cache.entries),
+                    "handshake_offload": offload.as_json() if offload else None,
+                    **policy_details,
+                }
+
             agent_health.include_router(
-                health_router(
-                    agent_registry(agent.cache, endpoints.sds.stats, offload),
-                    lambda: (
-                        True,
-                        {
-                            "agent": server.admin.default_parent_id,
-                            "entries": len(cache.entries),
-                            "handshake_offload": offload.as_json() if offload else None,
-                        },
-                    ),
-                )
+                health_router(_agent_metrics(agent.cache, endpoints, native), agent_ready)
             )
             agent_server = _Server(_uvicorn_config(agent_health))
             servers.append((agent_server, listeners.agent_health))
@@ -270,7 +293,13 @@ async def serve(
     from meshward.up import listing
 
     print(
-        listing(config, policies=policies, agent=endpoints is not None, audit=audit is not None),
+        listing(
+            config,
+            policies=policies,
+            agent=endpoints is not None,
+            audit=audit is not None,
+            agent_policies=agent_policies,
+        ),
         flush=True,
     )
     try:
@@ -297,7 +326,20 @@ async def serve(
         raise authz.error
 
 
-def _local_agent(server: IdentityServer) -> tuple[AgentEndpoints, Agent]:
+def _agent_metrics(
+    cache: WorkloadCache, endpoints: AgentEndpoints, native: NativePolicies | None
+) -> CollectorRegistry:
+    registry = agent_registry(
+        cache, endpoints.sds.stats, endpoints.sds.offload, endpoints.ecds.stats
+    )
+    if native is not None:
+        registry.register(NativePoliciesCollector(native))
+    return registry
+
+
+def _local_agent(
+    server: IdentityServer, native: NativePolicies | None
+) -> tuple[AgentEndpoints, Agent]:
     """The agent of ``meshward up``: same process, signing with the CA directly."""
     config = server.config
     cache = WorkloadCache(server.ca.bundle)
@@ -317,6 +359,8 @@ def _local_agent(server: IdentityServer) -> tuple[AgentEndpoints, Agent]:
         sign_jwt=agent.sign_jwt_svid,
         disable_spiffe_cert_validation=config.agent.disable_spiffe_cert_validation,
         offload=handshake_offload(config),
+        extension_configs=native,
+        no_extension_configs=NO_POLICIES,
     )
     return endpoints, agent
 
@@ -361,14 +405,20 @@ def _attestors(config: Config) -> list[ProcessAttestor]:
     return attestors
 
 
-def run(config: Config, *, agent: bool = False, policies: Path | None = None) -> None:
-    """Bind, build and serve until SIGINT/SIGTERM; with ``agent`` also the local agent,
-    with ``policies`` also authz (a child process)."""
+def run(
+    config: Config,
+    *,
+    agent: bool = False,
+    policies: Path | None = None,
+    agent_policies: Path | None = None,
+) -> None:
+    """Bind, build and serve until SIGINT/SIGTERM; with ``agent`` also the local agent
+    (serving ``agent_policies`` over ECDS), with ``policies`` also authz (a child process)."""
     prepare_data_dir(config.data_dir)
     listeners = bind_listeners(config, agent=agent)
     try:
         server = build_identity_server(config, local_agent=agent)
-        asyncio.run(serve(server, listeners, policies=policies))
+        asyncio.run(serve(server, listeners, policies=policies, agent_policies=agent_policies))
     finally:
         listeners.close(config)
 
@@ -470,6 +520,12 @@ async def _serve_agent(
         backend=backend, cache=cache, clock=utcnow, key_type=config.agent.workload_key_type
     )
     offload = handshake_offload(config)
+    native = None
+    if config.agent.policies is not None:
+        # Principals are matched against the trust domain the server gave the agent.
+        trust_domain = config.trust_domain or bundle.trust_domain.name
+        native = native_policies(config, config.agent.policies, trust_domain=trust_domain)
+        native.accept(await asyncio.to_thread(native.read))
     endpoints = AgentEndpoints(
         socket=config.agent_socket,
         private_dir=private,
@@ -478,6 +534,8 @@ async def _serve_agent(
         sign_jwt=agent.sign_jwt_svid,
         disable_spiffe_cert_validation=config.agent.disable_spiffe_cert_validation,
         offload=offload,
+        extension_configs=native,
+        no_extension_configs=NO_POLICIES,
     )
     await agent.sync()
     await endpoints.start(sock)
@@ -486,15 +544,15 @@ async def _serve_agent(
         app = FastAPI(title="meshward agent health")
 
         def ready() -> tuple[bool, dict[str, Any]]:
-            return True, {
+            ok, policy_details = agent_policies_ready(native, endpoints.ecds.stats)
+            return ok, {
                 "agent": identity.agent_id,
                 "entries": len(cache.entries),
                 "handshake_offload": offload.as_json(),
+                **policy_details,
             }
 
-        app.include_router(
-            health_router(agent_registry(cache, endpoints.sds.stats, offload), ready)
-        )
+        app.include_router(health_router(_agent_metrics(cache, endpoints, native), ready))
         health = _Server(_uvicorn_config(app))
     log.info("meshward agent %s: workloads on unix://%s", identity.agent_id, config.agent_socket)
     stopped = asyncio.Event()
@@ -502,6 +560,8 @@ async def _serve_agent(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopped.set)
     tasks = [asyncio.create_task(agent.run()), sync]
+    if native is not None:
+        tasks.append(asyncio.create_task(native.run()))
     if health is not None and health_sock is not None:
         tasks.append(asyncio.create_task(health.serve(sockets=[health_sock])))
     try:

@@ -78,7 +78,14 @@ class AuthzChild:
                 await asyncio.shield(asyncio.to_thread(lifeline.stop, self.child))
 
 
-def listing(config: Config, *, policies: Path | None, agent: bool, audit: bool) -> str:
+def listing(
+    config: Config,
+    *,
+    policies: Path | None,
+    agent: bool,
+    audit: bool,
+    agent_policies: Path | None = None,
+) -> str:
     """What listens where, for the terminal."""
     server = config.server
     lines = [
@@ -91,9 +98,15 @@ def listing(config: Config, *, policies: Path | None, agent: bool, audit: bool) 
     ]
     if agent:
         lines += [
-            f"  agent           unix://{config.agent_socket}  (Workload API and SDS; "
+            f"  agent           unix://{config.agent_socket}  (Workload API, SDS and ECDS; "
             "SPIFFE_ENDPOINT_SOCKET)",
             f"  agent health    {_http(config.agent.health_listen)}",
+            "  agent policies  "
+            + (
+                f"{agent_policies}  (RBAC filters for native and hybrid sidecars)"
+                if agent_policies is not None
+                else "(none: native and hybrid sidecars get no RBAC filters)"
+            ),
         ]
     if policies is not None:
         lines += [

@@ -9,6 +9,10 @@ and ALLOW slots and a router to a tiny upstream (a listener of the same Envoy th
 answers 200). The TCP chain is the translated network filters then ``tcp_proxy`` to
 that upstream.
 
+With ``chain=True`` the four HTTP RBAC filters are the one composite filter a native or
+hybrid sidecar gets over ECDS (``authz.rbac_chain``), and ``ext_authz`` follows it, as in
+those sidecars.
+
 ``ext_authz`` points at a port where nothing listens and fails open with
 ``x-envoy-auth-failure-mode-allowed``: the request goes on, and the access log shows
 whether ext_authz ran, which is all a CUSTOM policy decides here.
@@ -33,6 +37,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 from envoy.service.auth.v3 import external_auth_pb2
 
+from authz.rbac_chain import http_chain
 from authz.rbac_translation import ENVOY_RUNTIME, Family, WorkloadRbac, ext_authz_enabled_metadata
 from tests.e2e.rbac_corpus import IDENTITIES, ISSUERS, Identity, Request, WorkloadSpec
 
@@ -275,8 +280,15 @@ def _ext_authz() -> dict[str, Any]:
     }
 
 
-def _http_listener(listener: Listener, certs: ClientCerts, log: Path, jwks: str) -> dict[str, Any]:
+def _http_listener(
+    listener: Listener, certs: ClientCerts, log: Path, jwks: str, *, chain: bool
+) -> dict[str, Any]:
     custom, *enforcing = [f.as_config() for f in listener.rbac.http]
+    rbac = (
+        [http_chain(listener.rbac).as_config(), _ext_authz()]
+        if chain
+        else [custom, _ext_authz(), *enforcing]
+    )
     manager = {
         "@type": _HCM,
         "stat_prefix": f"{listener.set_name}.{listener.workload.name}",
@@ -293,9 +305,7 @@ def _http_listener(listener: Listener, certs: ClientCerts, log: Path, jwks: str)
         },
         "http_filters": [
             _jwt_authn(jwks),
-            custom,
-            _ext_authz(),
-            *enforcing,
+            *rbac,
             {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}},
         ],
         "access_log": _access_log(log, HTTP_LOG_FORMAT),
@@ -345,8 +355,10 @@ def bootstrap(
     *,
     upstream_port: int,
     dead_port: int,
+    chain: bool = False,
 ) -> dict[str, Any]:
-    """The whole test Envoy: ``upstream_port`` answers 200, ``dead_port`` has no one."""
+    """The whole test Envoy: ``upstream_port`` answers 200, ``dead_port`` has no one;
+    ``chain``: the HTTP RBAC filters as the one resource ECDS serves."""
     jwks = certs.jwks()
     upstream = {
         "name": "upstream",
@@ -390,7 +402,7 @@ def bootstrap(
     }
     listener_configs = [upstream]
     for listener in listeners:
-        listener_configs.append(_http_listener(listener, certs, log, jwks))
+        listener_configs.append(_http_listener(listener, certs, log, jwks, chain=chain))
         listener_configs.append(_tcp_listener(listener, certs, log))
     return {
         "admin": {"address": _address(0)},

@@ -23,12 +23,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
+from envoy.config.core.v3 import base_pb2, extension_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from envoy.service.extension.v3 import config_discovery_pb2_grpc
 from spiffe import SpiffeId, WorkloadApiClient
 from spiffe.workloadapi.errors import FetchJwtSvidError, FetchX509SvidError
 from spiffe.workloadapi.x509_context import X509Context
@@ -609,3 +613,52 @@ def test_entries_of_other_agents_never_reach_this_agent(
         assert theirs not in ids_of(context)
         with pytest.raises(FetchJwtSvidError):
             client.fetch_jwt_svid({"reviews"}, subject=SpiffeId(theirs))
+
+
+def test_agent_serves_its_policy_directory_over_ecds(
+    server: ServerProcess, ports: tuple[int, int], root: Path
+) -> None:
+    # --policies (agent.policies): the agent translates them for the workload an Envoy's
+    # node metadata names; with no trust_domain in its config, it takes the server's.
+    policies = root / "policies" / "istio"
+    policies.mkdir(parents=True)
+    (policies / "reviews.yaml").write_text(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+        "metadata: {name: readers, namespace: default}\n"
+        "spec:\n  selector: {matchLabels: {app: reviews}}\n"
+        '  rules: [{from: [{source: {principals: ["example.org/ns/default/sa/client"]}}]}]\n'
+    )
+    token, agent_id = join_token(server)
+    bundle = write_bundle(server, root / "bundle.pem")
+    health = f"127.0.0.1:{free_port()}"
+    with running_agent(
+        root / "a",
+        node_ports=ports,
+        extra=["--join-token", token, "--trust-bundle", bundle, "--policies", policies.parent],
+        env={"MESHWARD_AGENT__HEALTH_LISTEN": health},
+    ) as agent:
+        mine = unique_id("sidecar")
+        create_entry(server, mine, agent_id)  # ECDS, as SDS, serves registered workloads
+        with workload(agent) as client:
+            wait_for(serving(client, mine), "this agent's entry", agent)
+        ready = httpx.get(f"http://{health}/ready", timeout=5).json()
+        assert ready["native_policies"]["policy_set"] is not None, ready
+        node = base_pb2.Node(id="reviews-1")
+        node.metadata.update(
+            {"meshward.workload": {"namespace": "default", "labels": {"app": "reviews"}}}
+        )
+        with grpc.insecure_channel(agent.address.replace("unix://", "unix:")) as channel:
+            stub = config_discovery_pb2_grpc.ExtensionConfigDiscoveryServiceStub(channel)
+            response = stub.FetchExtensionConfigs(
+                discovery_pb2.DiscoveryRequest(
+                    node=node,
+                    type_url="type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+                    resource_names=["meshward.rbac.http"],
+                ),
+                timeout=SYNC_DEADLINE,
+            )
+        (packed,) = response.resources
+        chain = extension_pb2.TypedExtensionConfig()
+        assert packed.Unpack(chain)
+        assert chain.name == "meshward.rbac.http"
+        assert b"spiffe://example.org/ns/default/sa/client" in chain.typed_config.value

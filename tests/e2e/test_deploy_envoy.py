@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
+from authz.rbac_chain import CUSTOM_UNAVAILABLE_FILTER, EXTENSION_WITH_MATCHER, HTTP_CHAIN
+from authz.rbac_translation import ENVOY_RUNTIME, Family, ext_authz_enabled_metadata
 from meshward.envoy_bootstrap import (
+    AuthzMode,
     Upstream,
     client_bootstrap,
     server_bootstrap,
@@ -21,7 +25,17 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "envoy"
 SOCKET = Path("/run/meshward/agent.sock")
 
 
-@pytest.mark.parametrize("name", ["sidecar-inbound.yaml", "sidecar-outbound.yaml", "sidecar.yaml"])
+# The sidecar in each mode: hybrid is the CLI's default, so it keeps the plain name.
+SIDECARS = {
+    AuthzMode.HYBRID: "sidecar.yaml",
+    AuthzMode.NATIVE: "sidecar-native.yaml",
+    AuthzMode.EXT_AUTHZ: "sidecar-ext-authz.yaml",
+}
+
+
+@pytest.mark.parametrize(
+    "name", ["sidecar-inbound.yaml", "sidecar-outbound.yaml", *SIDECARS.values()]
+)
 def test_snippet_is_a_valid_envoy_config(name: str) -> None:
     done = subprocess.run(
         [str(ENVOY), "--mode", "validate", "-c", str(DEPLOY / name)],
@@ -52,20 +66,41 @@ def test_snippets_are_the_bootstraps_the_end_to_end_tests_run() -> None:
     )
     assert yaml.safe_load((DEPLOY / "sidecar-inbound.yaml").read_text()) == inbound
     assert yaml.safe_load((DEPLOY / "sidecar-outbound.yaml").read_text()) == outbound
-    with_authz = sidecar_bootstrap(
-        workload="reviews",
-        namespace="default",
-        labels={"app": "reviews", "version": "v1"},
-        service="reviews",
-        agent_socket=SOCKET,
-        authz_port=9191,
-        authz_id="spiffe://example.org/meshward/authz",
-        app_port=9080,
-        outbound_port=15001,
-        upstreams=[Upstream("ratings", 15006, "spiffe://example.org/ns/default/sa/ratings")],
-        access_log="/dev/stdout",
+    for mode, name in SIDECARS.items():
+        sidecar = sidecar_bootstrap(
+            workload="reviews",
+            namespace="default",
+            labels={"app": "reviews", "version": "v1"},
+            service="reviews",
+            agent_socket=SOCKET,
+            authz_port=9191,
+            authz_id="spiffe://example.org/meshward/authz",
+            app_port=9080,
+            outbound_port=15001,
+            upstreams=[Upstream("ratings", 15006, "spiffe://example.org/ns/default/sa/ratings")],
+            access_log="/dev/stdout",
+            authz_mode=mode,
+        )
+        assert yaml.safe_load((DEPLOY / name).read_text()) == sidecar, name
+
+
+def _validate(config: Path) -> None:
+    done = subprocess.run(
+        [str(ENVOY), "--mode", "validate", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
-    assert yaml.safe_load((DEPLOY / "sidecar.yaml").read_text()) == with_authz
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _inbound_filters(bootstrap: dict[str, Any]) -> list[dict[str, Any]]:
+    inbound = bootstrap["static_resources"]["listeners"][0]
+    filters: list[dict[str, Any]] = inbound["filter_chains"][0]["filters"][0]["typed_config"][
+        "http_filters"
+    ]
+    return filters
 
 
 def test_envoy_bootstrap_command_prints_a_valid_sidecar(tmp_path: Path) -> None:
@@ -89,22 +124,34 @@ def test_envoy_bootstrap_command_prints_a_valid_sidecar(tmp_path: Path) -> None:
     ).ok()
     config = tmp_path / "sidecar.yaml"
     config.write_text(printed.stdout)
-    done = subprocess.run(
-        [str(ENVOY), "--mode", "validate", "-c", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    _validate(config)
     bootstrap = yaml.safe_load(printed.stdout)
     inbound, outbound = bootstrap["static_resources"]["listeners"]
     assert (inbound["name"], outbound["name"]) == ("inbound", "outbound")
     manager = inbound["filter_chains"][0]["filters"][0]["typed_config"]
-    assert [f["name"] for f in manager["http_filters"]] == [
-        "envoy.filters.http.ext_authz",
-        "envoy.filters.http.router",
+    # Hybrid by default: the RBAC chain from the agent, then ext_authz where CUSTOM says.
+    chain, ext_authz, router = manager["http_filters"]
+    assert chain["name"] == HTTP_CHAIN
+    discovery = chain["config_discovery"]
+    assert discovery["type_urls"] == [EXTENSION_WITH_MATCHER]
+    assert discovery["config_source"]["api_config_source"]["grpc_services"] == [
+        {"envoy_grpc": {"cluster_name": "meshward_agent"}}
     ]
+    assert "default_config" not in discovery  # nothing serves before the chain arrives
+    assert ext_authz["name"] == "envoy.filters.http.ext_authz"
+    assert ext_authz["typed_config"]["filter_enabled_metadata"] == ext_authz_enabled_metadata(
+        Family.HTTP
+    )
+    assert router["name"] == "envoy.filters.http.router"
+    assert bootstrap["node"]["metadata"] == {
+        "meshward.workload": {
+            "namespace": "default",
+            "labels": {"app": "reviews", "version": "v1"},
+            "service": "reviews",
+        },
+        "meshward.authz_mode": "hybrid",
+    }
+    assert bootstrap["layered_runtime"]["layers"][0]["static_layer"] == dict(ENVOY_RUNTIME)
     (route,) = manager["route_config"]["virtual_hosts"][0]["routes"]
     extensions = route["typed_per_filter_config"]["envoy.filters.http.ext_authz"]["check_settings"]
     assert extensions["context_extensions"] == {
@@ -113,6 +160,80 @@ def test_envoy_bootstrap_command_prints_a_valid_sidecar(tmp_path: Path) -> None:
         "service": "reviews",
     }
     assert route["route"] == {"cluster": "app"}
+
+
+BASE = ("envoy", "bootstrap", "--workload", "r", "--namespace", "d", "--app-port", "1")
+
+
+@pytest.mark.parametrize(
+    ("args", "filters", "clusters"),
+    [
+        pytest.param(
+            ("--authz-mode", "native"),
+            [HTTP_CHAIN, CUSTOM_UNAVAILABLE_FILTER, "envoy.filters.http.router"],
+            ["app", "meshward_agent"],
+            id="native",
+        ),
+        pytest.param(
+            ("--authz-mode", "ext_authz"),
+            ["envoy.filters.http.ext_authz", "envoy.filters.http.router"],
+            ["app", "meshward_agent", "meshward_authz"],
+            id="ext_authz",
+        ),
+        pytest.param(
+            ("--rego-always",),
+            [HTTP_CHAIN, "envoy.filters.http.ext_authz", "envoy.filters.http.router"],
+            ["app", "meshward_agent", "meshward_authz"],
+            id="hybrid-rego-always",
+        ),
+    ],
+)
+def test_envoy_bootstrap_modes(
+    tmp_path: Path, args: tuple[str, ...], filters: list[str], clusters: list[str]
+) -> None:
+    printed = run_cli(*BASE, *args).ok()
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(printed.stdout)
+    _validate(config)
+    bootstrap = yaml.safe_load(printed.stdout)
+    http_filters = _inbound_filters(bootstrap)
+    assert [f["name"] for f in http_filters] == filters
+    assert [c["name"] for c in bootstrap["static_resources"]["clusters"]] == clusters
+    for f in http_filters:
+        # Every request the chain allowed goes to ext_authz with --rego-always.
+        assert "filter_enabled_metadata" not in f.get("typed_config", {})
+    native_or_hybrid = HTTP_CHAIN in filters
+    assert ("metadata" in bootstrap["node"]) is native_or_hybrid
+    assert ("layered_runtime" in bootstrap) is native_or_hybrid
+
+
+@pytest.mark.parametrize("mode", ["native", "ext_authz"])
+def test_rego_always_is_for_hybrid_only(mode: str) -> None:
+    result = run_cli(*BASE, "--authz-mode", mode, "--rego-always")
+    assert result.returncode == 2, result.describe()
+    assert "--rego-always is for --authz-mode hybrid" in result.stderr
+
+
+def test_values_envoy_would_read_as_booleans_stay_strings(tmp_path: Path) -> None:
+    # PyYAML prints the string "y" bare, and Envoy's YAML reads a bare y as true: the
+    # node id (a string field) would not load, a label would become a boolean.
+    printed = run_cli(
+        "envoy",
+        "bootstrap",
+        "--workload",
+        "y",
+        "--namespace",
+        "n",
+        "--label",
+        "on=y",
+        "--app-port",
+        "1",
+    ).ok()
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(printed.stdout)
+    _validate(config)
+    assert 'id: "y"' in printed.stdout
+    assert '"on": "y"' in printed.stdout
 
 
 def test_envoy_bootstrap_refuses_a_malformed_authz_spiffe_id() -> None:

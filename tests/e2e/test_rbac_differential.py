@@ -16,6 +16,11 @@ answers must be identical:
   request the DENY filter denied, so its shadow result is compared only when the
   request got that far (the engine computes it anyway).
 
+Both shapes of the HTTP filters run: the four plain filters with ext_authz between the
+CUSTOM slot and the rest (Istio's order), and the one composite resource a native or
+hybrid sidecar gets over ECDS (``authz.rbac_chain``), with ext_authz after it. There
+ext_authz runs only for requests the RBAC filters allowed; everything else must be the same.
+
 Envoy's side is read from its JSON access log: the response code and details
 (``rbac_access_denied_matched_policy[...]``), the RBAC filters' dynamic metadata, and
 what Envoy saw of the request (checked against what was sent, so the engine is asked
@@ -116,7 +121,7 @@ def _layer(decision: IstioDecision) -> tuple[str | None, str | None]:
     return (None, None)
 
 
-def python_answer(decision: IstioDecision, *, tcp: bool) -> dict[str, Any]:
+def python_answer(decision: IstioDecision, *, tcp: bool, chain: bool = False) -> dict[str, Any]:
     answer: dict[str, Any] = {
         "allowed": decision.allowed,
         "decided by": _layer(decision),
@@ -129,7 +134,8 @@ def python_answer(decision: IstioDecision, *, tcp: bool) -> dict[str, Any]:
     if tcp and decision.allowed:
         del answer["decided by"]  # Envoy's network RBAC filter names no rule when it allows
     if not tcp:
-        answer["ext_authz ran"] = decision.delegated
+        # After the chain, ext_authz is asked only about what the RBAC filters allowed.
+        answer["ext_authz ran"] = decision.delegated and (decision.allowed or not chain)
         answer["audit rule"] = decision.audit_policy_ids[0] if decision.audit_policy_ids else None
     return answer
 
@@ -217,7 +223,11 @@ def seen_differently(request: Request, entry: Mapping[str, Any], sent: Sent) -> 
     ]
 
 
-def test_envoy_and_the_engine_decide_every_request_alike(root: Path, envoys: list[Envoy]) -> None:
+@pytest.mark.parametrize("layout", ["filters", "chain"])
+def test_envoy_and_the_engine_decide_every_request_alike(
+    root: Path, envoys: list[Envoy], layout: str
+) -> None:
+    chain = layout == "chain"
     rng = random.Random(SEED)
     specs = table_policy_sets()
     ports = reserve_ports(2 * sum(len(s.workloads) for s in specs) + 4 * RANDOM_SETS + 2)
@@ -254,6 +264,7 @@ def test_envoy_and_the_engine_decide_every_request_alike(root: Path, envoys: lis
         log,
         upstream_port=upstream_port,
         dead_port=dead_port,
+        chain=chain,
     )
     home = root / "envoy"
     home.mkdir()
@@ -320,7 +331,7 @@ def test_envoy_and_the_engine_decide_every_request_alike(root: Path, envoys: lis
             differences.append(_report(spec, listener, request, "; ".join(wrong), decision, entry))
             continue
         denied_by_deny = decision.action is Action.DENY
-        python = python_answer(decision, tcp=request.tcp)
+        python = python_answer(decision, tcp=request.tcp, chain=chain)
         if request.tcp:
             native = envoy_tcp_answer(entry, sent, denied_by_deny_layer=denied_by_deny)
         else:
@@ -437,18 +448,20 @@ def test_envoy_validates_the_translation_of_every_policy_of_the_corpus(root: Pat
                 Workload(workload.namespace, workload.label_map, workload.service, (81,)),
             )
             listeners.append(Listener(spec.name, workload, next(ports), next(ports), rbac))
-    config = bootstrap(
-        listeners, ClientCerts(root), root / "access.jsonl", upstream_port=1, dead_port=2
-    )
-    # JSON, not YAML: PyYAML leaves a string "y" bare, which Envoy's YAML reads as true.
-    path = root / "validate.json"
-    path.write_text(json.dumps(config))
-    done = subprocess.run(
-        [str(ENVOY), "--mode", "validate", "-c", str(path), "-l", "error"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    # Envoy's message names the failing field, then prints the whole config: keep the first.
-    assert done.returncode == 0, (done.stdout + done.stderr)[:3000]
+    certs = ClientCerts(root)
+    for chain in (False, True):
+        config = bootstrap(
+            listeners, certs, root / "access.jsonl", upstream_port=1, dead_port=2, chain=chain
+        )
+        # JSON, not YAML: PyYAML leaves a string "y" bare, which Envoy's YAML reads as true.
+        path = root / "validate.json"
+        path.write_text(json.dumps(config))
+        done = subprocess.run(
+            [str(ENVOY), "--mode", "validate", "-c", str(path), "-l", "error"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        # Envoy's message names the failing field, then prints the whole config: keep the first.
+        assert done.returncode == 0, f"chain={chain}: " + (done.stdout + done.stderr)[:3000]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
-from envoy.config.core.v3 import base_pb2
+from envoy.config.core.v3 import base_pb2, extension_pb2
 from envoy.extensions.transport_sockets.tls.v3 import (
     common_pb2,
     secret_pb2,
@@ -21,6 +22,8 @@ from identity.workload_cache import WorkloadUpdate
 from identity.xds import (
     SECRET_TYPE_URL,
     DeltaStream,
+    Rejection,
+    ResourceKind,
     SotwStream,
     collection_version,
     resource_version,
@@ -413,3 +416,65 @@ def test_delta_stale_nonce_still_carries_subscriptions() -> None:
     late = stream.on_request(delta(["ROOTCA"], nonce=first.nonce, error="late"), UPDATE)
     assert delta_names(late) == ["ROOTCA"]
     assert stream.nacks == 0  # a NACK of a response that is no longer the latest
+
+
+# -- any resource type, and what the streams report ------------------------------------------
+
+
+def test_a_stream_serves_the_kind_it_is_given() -> None:
+    kind = ResourceKind(
+        "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+        "ecds",
+        lambda config: config.name,  # a version function of the kind's own
+    )
+
+    def render(names: Sequence[str], _update: WorkloadUpdate) -> dict[str, Any]:
+        return {n: extension_pb2.TypedExtensionConfig(name=n) for n in names}
+
+    stream = SotwStream(render, kind=kind)
+    req = request(["chain"])
+    req.type_url = kind.type_url
+    response = stream.on_request(req, UPDATE)
+    assert response is not None
+    assert response.type_url == kind.type_url
+    assert response.version_info == kind.collection_version(
+        {"chain": render(["chain"], UPDATE)["chain"]}
+    )
+    with pytest.raises(WrongTypeError, match=r"serves type\.googleapis\.com/envoy\.config\.core"):
+        stream.on_request(request(["chain"]), UPDATE)  # a secret request on this stream
+
+
+def test_sotw_reports_what_the_client_acked_and_rejected() -> None:
+    world = World()
+    stream = SotwStream(world.render)
+    first = stream.on_request(request(["default"]), UPDATE)
+    assert first is not None
+    stream.on_request(request(["default"], version=first.version_info, nonce=first.nonce), UPDATE)
+    assert (stream.acked, stream.rejected) == (first.version_info, None)
+    world.contents["default"] = "a2"
+    second = stream.on_update(UPDATE)
+    assert second is not None
+    nack = request(["default"], version=first.version_info, nonce=second.nonce, error="bad")
+    stream.on_request(nack, UPDATE)
+    assert stream.acked == first.version_info  # what the client keeps
+    assert stream.rejected == Rejection(second.version_info, "bad")
+    world.contents["default"] = "a3"
+    third = stream.on_update(UPDATE)
+    assert third is not None
+    stream.on_request(request(["default"], version=third.version_info, nonce=third.nonce), UPDATE)
+    assert (stream.acked, stream.rejected) == (third.version_info, None)
+
+
+def test_delta_reports_what_the_client_acked_and_rejected() -> None:
+    world = World()
+    stream = DeltaStream(world.render)
+    first = stream.on_request(delta(["default"]), UPDATE)
+    assert first is not None
+    stream.on_request(delta(nonce=first.nonce), UPDATE)
+    assert (stream.acked, stream.rejected) == (first.system_version_info, None)
+    world.contents["default"] = "a2"
+    second = stream.on_update(UPDATE)
+    assert second is not None
+    stream.on_request(delta(nonce=second.nonce, error="bad"), UPDATE)
+    assert stream.acked == first.system_version_info
+    assert stream.rejected == Rejection(second.system_version_info, "bad")
