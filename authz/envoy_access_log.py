@@ -8,8 +8,8 @@ or says why it records nothing. Pure: no I/O.
 What the entry must carry, and where it comes from (``meshward.envoy_telemetry``
 builds the configuration that makes Envoy send it):
 
-- the workload: the stream's node metadata, ``meshward.namespace`` (string),
-  ``meshward.labels`` (string map) and ``meshward.service`` (string), read once per
+- the workload: the stream's node metadata ``meshward.workload`` (``namespace``,
+  ``labels``, ``service``: what the agent's ECDS serves the chain for), read once per
   stream (Envoy sends its node only in a stream's first message);
 - Envoy's decision: the response code details (``rbac_access_denied_matched_policy[NAME]``,
   NAME being Istio's ``ns[NS]-policy[NAME]-rule[i]``, ``none``, or native mode's
@@ -94,9 +94,7 @@ __all__ = [
     "ENGINE",
     "HTTP_RBAC_METADATA",
     "NETWORK_RBAC_METADATA",
-    "NODE_LABELS",
-    "NODE_NAMESPACE",
-    "NODE_SERVICE",
+    "NODE_WORKLOAD",
     "PASSED_NAMESPACE",
     "SKIP_EXT_AUTHZ",
     "SKIP_UNDECIDED",
@@ -110,9 +108,9 @@ __all__ = [
 ]
 
 ENGINE = "envoy-rbac"
-NODE_NAMESPACE = "meshward.namespace"
-NODE_LABELS = "meshward.labels"
-NODE_SERVICE = "meshward.service"
+# The node metadata naming the sidecar's workload, {namespace, labels, service}: the
+# key the agent's ECDS reads too (identity.extension_configs, which authz may not import).
+NODE_WORKLOAD = "meshward.workload"
 # {"passed": true}, and maybe "ext_authz": true, "policy_set_version": "..."
 PASSED_NAMESPACE = "meshward.rbac"
 HTTP_RBAC_METADATA = "envoy.filters.http.rbac"
@@ -167,17 +165,24 @@ class Skipped:
 
 def node_workload(node: base_pb2.Node) -> NodeWorkload:
     """The workload of ``node``'s metadata; ``EntryError`` if a key has the wrong type."""
-    fields = node.metadata.fields
-    namespace = _string(fields, NODE_NAMESPACE)
-    service = _string(fields, NODE_SERVICE)
+    workload = node.metadata.fields.get(NODE_WORKLOAD)
+    if workload is None:
+        return NodeWorkload(None, {}, None, node.id)
+    if workload.WhichOneof("kind") != "struct_value":
+        raise EntryError("malformed_node", f"node metadata {NODE_WORKLOAD} is not a map")
+    fields = workload.struct_value.fields
+    namespace = _string(fields, "namespace")
+    service = _string(fields, "service")
     labels: dict[str, str] = {}
-    if NODE_LABELS in fields:
-        value = fields[NODE_LABELS]
+    if "labels" in fields:
+        value = fields["labels"]
         if value.WhichOneof("kind") != "struct_value":
-            raise EntryError("malformed_node", f"node metadata {NODE_LABELS} is not a map")
+            raise EntryError("malformed_node", f"node metadata {NODE_WORKLOAD}.labels is not a map")
         for key, item in value.struct_value.fields.items():
             if item.WhichOneof("kind") != "string_value":
-                raise EntryError("malformed_node", f"node metadata {NODE_LABELS}.{key} is not text")
+                raise EntryError(
+                    "malformed_node", f"node metadata {NODE_WORKLOAD}.labels.{key} is not text"
+                )
             labels[key] = item.string_value
     return NodeWorkload(namespace or None, labels, service or None, node.id)
 
@@ -187,7 +192,7 @@ def _string(fields: Any, key: str) -> str | None:
         return None
     value = fields[key]
     if value.WhichOneof("kind") != "string_value":
-        raise EntryError("malformed_node", f"node metadata {key} is not text")
+        raise EntryError("malformed_node", f"node metadata {NODE_WORKLOAD}.{key} is not text")
     text: str = value.string_value
     return text
 

@@ -39,6 +39,12 @@ from authz.rbac_chain import EXTENSION_WITH_MATCHER, HTTP_CHAIN, custom_unavaila
 from authz.rbac_matchers import JWT_PAYLOAD_KEY
 from authz.rbac_translation import ENVOY_RUNTIME, Family, ext_authz_enabled_metadata
 from identity.extension_configs import AUTHZ_MODE_METADATA_KEY, WORKLOAD_METADATA_KEY
+from meshward.envoy_telemetry import (
+    AUTHZ_CLUSTER,
+    http_access_log,
+    metrics_service_sink,
+    rbac_passed_filter,
+)
 
 __all__ = [
     "AGENT_CLUSTER",
@@ -192,7 +198,6 @@ def _admin(port: int) -> dict[str, Any]:
 
 _EXT_AUTHZ = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
 _EXT_AUTHZ_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute"
-AUTHZ_CLUSTER = "meshward_authz"
 
 
 def authz_cluster(port: int, *, authz_id: str | None = None) -> dict[str, Any]:
@@ -606,7 +611,11 @@ def sidecar_bootstrap(
         filters.append(rbac_chain_filter())
     if mode is AuthzMode.NATIVE:
         filters.append(custom_unavailable_filter())
-    else:
+    if mode is not AuthzMode.EXT_AUTHZ and authz_port is not None:
+        # The request passed every RBAC filter: what the access-log receiver records as
+        # an allow (requests going on to ext_authz are recorded by ext_authz instead).
+        filters.append(rbac_passed_filter(ext_authz=rego_always))
+    if mode is not AuthzMode.NATIVE:
         route["typed_per_filter_config"] = workload_extensions(namespace, labels, service)
         # After the chain, never inside it (authz.rbac_chain says why).
         filters.append(
@@ -617,17 +626,18 @@ def sidecar_bootstrap(
     # The application learns the caller's verified SPIFFE ID (and nothing a client sent).
     manager["forward_client_cert_details"] = "SANITIZE_SET"
     manager["set_current_client_cert_details"] = {"uri": True}
-    if access_log is not None:
-        manager["access_log"] = _access_log(access_log)
-    # Audit of what the RBAC chain decides (native, hybrid): the access-log service's
-    # http_grpc logger joins manager["access_log"] here. Its receiver's cluster goes with
-    # the clusters below; a native sidecar has no authz cluster of its own yet.
+    loggers = [] if access_log is None else _access_log(access_log)
+    audited = mode is not AuthzMode.EXT_AUTHZ and authz_port is not None
+    if audited:
+        # What the RBAC chain decided reaches the audit trail over the access-log service.
+        loggers.append(http_access_log())
+    if loggers:
+        manager["access_log"] = loggers
     listeners = [inbound]
     if outbound_port is not None:
         listeners.append(_outbound_listener(outbound_port, upstreams, access_log))
     clusters = [app, agent_cluster(agent_socket)]
-    if ext_authz:
-        assert authz_port is not None
+    if authz_port is not None:
         clusters.append(authz_cluster(authz_port, authz_id=authz_id))
     clusters.extend(_upstream_cluster(u) for u in upstreams)
     bootstrap: dict[str, Any] = {
@@ -645,6 +655,9 @@ def sidecar_bootstrap(
             "layers": [{"name": "meshward-rbac", "static_layer": dict(ENVOY_RUNTIME)}]
         }
     bootstrap["static_resources"] = {"listeners": listeners, "clusters": clusters}
+    if audited:
+        # Envoy's counters, so that meshward counts access-log entries that never arrived.
+        bootstrap["stats_sinks"] = [metrics_service_sink()]
     return bootstrap
 
 

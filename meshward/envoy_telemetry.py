@@ -2,7 +2,7 @@
 
 Pure functions returning dicts, for the bootstraps of sidecars that enforce Istio
 policies with Envoy's RBAC filters (``native`` and ``hybrid`` modes). Everything goes
-to the authz cluster (:data:`meshward.envoy_bootstrap.AUTHZ_CLUSTER`: the listener
+to the authz cluster (:data:`AUTHZ_CLUSTER`: the listener
 and mTLS of ext_authz):
 
 - :func:`http_access_log` (``http_grpc``) and :func:`tcp_access_log` (``tcp_grpc``):
@@ -14,7 +14,6 @@ and mTLS of ext_authz):
   ext_authz, that marks a request as let through by every RBAC filter; without it
   meshward cannot tell "allowed, no policy applies" from "never reached the RBAC
   filters" and records neither;
-- :func:`node_metadata`: the bootstrap's ``node.metadata``, naming the workload;
 - :func:`metrics_service_sink`: a ``stats_sinks`` entry streaming Envoy's counters,
   so meshward counts the entries Envoy dropped (see ``authz.access_log_ledger``).
 
@@ -32,24 +31,25 @@ the chain lets through (Rego mode ``always``) says so with
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from audit.redaction import ALWAYS_REDACTED_HEADERS
-from authz.envoy_access_log import NODE_LABELS, NODE_NAMESPACE, NODE_SERVICE, PASSED_NAMESPACE
-from meshward.envoy_bootstrap import AUTHZ_CLUSTER
+from authz.envoy_access_log import PASSED_NAMESPACE
 
 __all__ = [
+    "AUTHZ_CLUSTER",
     "BUFFER_FLUSH_INTERVAL",
     "BUFFER_SIZE_BYTES",
     "LOG_NAME",
     "http_access_log",
     "metrics_service_sink",
-    "node_metadata",
     "rbac_passed_filter",
     "tcp_access_log",
 ]
 
+# The cluster of `meshward authz`: ext_authz, and the access-log and metrics streams.
+AUTHZ_CLUSTER = "meshward_authz"
 LOG_NAME = "meshward"
 BUFFER_FLUSH_INTERVAL = "1s"  # Envoy's default: a decision reaches the spool within ~1 s
 # Envoy's default buffer: entries wait for a flush or for this many bytes; past it, with
@@ -59,15 +59,6 @@ _HTTP_GRPC = "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGr
 _TCP_GRPC = "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.TcpGrpcAccessLogConfig"
 _SET_METADATA = "type.googleapis.com/envoy.extensions.filters.http.set_metadata.v3.Config"
 _METRICS_SERVICE = "type.googleapis.com/envoy.config.metrics.v3.MetricsServiceConfig"
-
-
-def node_metadata(namespace: str, labels: Mapping[str, str], service: str | None) -> dict[str, Any]:
-    """``node.metadata`` naming the workload the sidecar protects (what ext_authz learns
-    from ``context_extensions``); the access-log receiver reads it from the stream."""
-    metadata: dict[str, Any] = {NODE_NAMESPACE: namespace, NODE_LABELS: dict(labels)}
-    if service:
-        metadata[NODE_SERVICE] = service
-    return metadata
 
 
 def rbac_passed_filter(

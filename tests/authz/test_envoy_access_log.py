@@ -17,9 +17,7 @@ from audit.sink import MemorySink
 from authz.check_request import build_view
 from authz.envoy_access_log import (
     ENGINE,
-    NODE_LABELS,
-    NODE_NAMESPACE,
-    NODE_SERVICE,
+    NODE_WORKLOAD,
     SKIP_EXT_AUTHZ,
     SKIP_UNDECIDED,
     UNNAMED_DRY_RUN_ALLOW,
@@ -498,14 +496,23 @@ def test_tcp_connections_denied_allowed_and_undecided() -> None:
 def test_the_workload_comes_from_the_node_metadata() -> None:
     node = base_pb2.Node(id="reviews-1")
     node.metadata.update(
-        {NODE_NAMESPACE: "default", NODE_LABELS: {"app": "reviews"}, NODE_SERVICE: "reviews"}
+        {
+            NODE_WORKLOAD: {
+                "namespace": "default",
+                "labels": {"app": "reviews"},
+                "service": "reviews",
+            }
+        }
     )
     assert node_workload(node) == NodeWorkload(
         "default", {"app": "reviews"}, "reviews", "reviews-1"
     )
     assert node_workload(base_pb2.Node(id="bare")) == NodeWorkload(node_id="bare")
-    node.metadata.update({NODE_LABELS: "app=reviews"})
-    with pytest.raises(EntryError, match="not a map"):
+    node.metadata.update({NODE_WORKLOAD: {"namespace": "default", "labels": "app=reviews"}})
+    with pytest.raises(EntryError, match=r"meshward.workload.labels is not a map"):
+        node_workload(node)
+    node.metadata.update({NODE_WORKLOAD: "default"})
+    with pytest.raises(EntryError, match=r"meshward.workload is not a map"):
         node_workload(node)
 
 

@@ -40,16 +40,17 @@ from authz.rbac_translation import (
     translate,
 )
 from meshward.envoy_bootstrap import (
+    AuthzMode,
     JwtIssuer,
     authz_cluster,
     ext_authz_filter,
     jwt_authn_filter,
     workload_extensions,
+    workload_metadata,
 )
 from meshward.envoy_telemetry import (
     http_access_log,
     metrics_service_sink,
-    node_metadata,
     rbac_passed_filter,
 )
 from tests.e2e.audit_trail import AuditTrail
@@ -280,7 +281,11 @@ def bootstrap(certs: ClientCerts, jwks: Path, *, listen: int, authz_port: int) -
         },
     }
     return {
-        "node": {"id": NODE_ID, "cluster": "meshward", "metadata": node_metadata(*WORKLOAD)},
+        "node": {
+            "id": NODE_ID,
+            "cluster": "meshward",
+            "metadata": workload_metadata(*WORKLOAD, AuthzMode.NATIVE),
+        },
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
         "layered_runtime": {"layers": [{"name": "rbac", "static_layer": dict(ENVOY_RUNTIME)}]},
         # Counters every second instead of five: the test waits less for them.

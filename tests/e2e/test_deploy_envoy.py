@@ -18,6 +18,7 @@ from meshward.envoy_bootstrap import (
     server_bootstrap,
     sidecar_bootstrap,
 )
+from meshward.envoy_telemetry import http_access_log, metrics_service_sink, rbac_passed_filter
 from tests.e2e.envoys import ENVOY
 from tests.e2e.processes import run_cli
 
@@ -130,8 +131,11 @@ def test_envoy_bootstrap_command_prints_a_valid_sidecar(tmp_path: Path) -> None:
     assert (inbound["name"], outbound["name"]) == ("inbound", "outbound")
     manager = inbound["filter_chains"][0]["filters"][0]["typed_config"]
     # Hybrid by default: the RBAC chain from the agent, then ext_authz where CUSTOM says.
-    chain, ext_authz, router = manager["http_filters"]
+    chain, passed, ext_authz, router = manager["http_filters"]
     assert chain["name"] == HTTP_CHAIN
+    # Marks what the chain let through, for the access-log receiver; ext_authz records
+    # only what a CUSTOM policy sent it (and says so in its own metadata).
+    assert passed == rbac_passed_filter()
     discovery = chain["config_discovery"]
     assert discovery["type_urls"] == [EXTENSION_WITH_MATCHER]
     assert discovery["config_source"]["api_config_source"]["grpc_services"] == [
@@ -160,8 +164,12 @@ def test_envoy_bootstrap_command_prints_a_valid_sidecar(tmp_path: Path) -> None:
         "service": "reviews",
     }
     assert route["route"] == {"cluster": "app"}
+    # What the chain decided is reported to authz: the access-log and metrics services.
+    assert http_access_log() in manager["access_log"]
+    assert bootstrap["stats_sinks"] == [metrics_service_sink()]
 
 
+PASSED = "meshward.rbac.passed"
 BASE = ("envoy", "bootstrap", "--workload", "r", "--namespace", "d", "--app-port", "1")
 
 
@@ -170,8 +178,8 @@ BASE = ("envoy", "bootstrap", "--workload", "r", "--namespace", "d", "--app-port
     [
         pytest.param(
             ("--authz-mode", "native"),
-            [HTTP_CHAIN, CUSTOM_UNAVAILABLE_FILTER, "envoy.filters.http.router"],
-            ["app", "meshward_agent"],
+            [HTTP_CHAIN, CUSTOM_UNAVAILABLE_FILTER, PASSED, "envoy.filters.http.router"],
+            ["app", "meshward_agent", "meshward_authz"],  # authz receives the access log
             id="native",
         ),
         pytest.param(
@@ -182,7 +190,7 @@ BASE = ("envoy", "bootstrap", "--workload", "r", "--namespace", "d", "--app-port
         ),
         pytest.param(
             ("--rego-always",),
-            [HTTP_CHAIN, "envoy.filters.http.ext_authz", "envoy.filters.http.router"],
+            [HTTP_CHAIN, PASSED, "envoy.filters.http.ext_authz", "envoy.filters.http.router"],
             ["app", "meshward_agent", "meshward_authz"],
             id="hybrid-rego-always",
         ),
@@ -205,6 +213,11 @@ def test_envoy_bootstrap_modes(
     native_or_hybrid = HTTP_CHAIN in filters
     assert ("metadata" in bootstrap["node"]) is native_or_hybrid
     assert ("layered_runtime" in bootstrap) is native_or_hybrid
+    assert ("stats_sinks" in bootstrap) is native_or_hybrid
+    if PASSED in filters:
+        (marker,) = (f for f in http_filters if f["name"] == PASSED)
+        # With --rego-always ext_authz sees (and records) every request the chain passed.
+        assert marker == rbac_passed_filter(ext_authz="--rego-always" in args)
 
 
 @pytest.mark.parametrize("mode", ["native", "ext_authz"])

@@ -283,7 +283,7 @@ def test_native_denies_what_a_custom_policy_selects(mesh: Mesh) -> None:
 def test_hybrid_asks_authz_only_where_a_custom_policy_applies(mesh: Mesh) -> None:
     sidecar = mesh.sidecars[AuthzMode.HYBRID]
     alive = _alive(mesh)
-    # Istio only: Envoy decides, and authz never hears of it.
+    # Istio only: Envoy decides, and ext_authz is never asked.
     plain = _unique("/reviews")
     allowed = sidecar.get(plain)
     assert allowed.status_code == 200
@@ -301,10 +301,18 @@ def test_hybrid_asks_authz_only_where_a_custom_policy_applies(mesh: Mesh) -> Non
     assert refused.status_code == 403
     denial = mesh.authz.audit.record(refused.headers[DECISION_ID], alive=alive)
     assert (denial["allowed"], denial["engine"]) == (False, "rego")
-    # By now every record of the requests above is stored: none is of the Istio-only ones.
-    paths = {r["path"] for r in mesh.authz.audit.records()}
-    assert custom in paths
-    assert not {plain, denied} & paths
+    # Every request is recorded once: the ones Envoy decided alone from its access log
+    # (engine envoy-rbac), the ones a CUSTOM policy sent to ext_authz by ext_authz only.
+    records = mesh.authz.audit.wait(
+        lambda rs: {plain, denied} <= {r["path"] for r in rs}, alive=alive
+    )
+    engines: dict[str, list[str]] = {}
+    for r in records:
+        engines.setdefault(r["path"], []).append(r["engine"])
+    assert engines[plain] == ["envoy-rbac"]
+    assert engines[denied] == ["envoy-rbac"]
+    assert engines[custom] == [record["engine"]]  # ext_authz's one record
+    assert record["engine"] != "envoy-rbac"
 
 
 def test_ext_authz_mode_asks_authz_about_every_request(mesh: Mesh) -> None:

@@ -14,11 +14,10 @@ from google.protobuf import any_pb2, json_format
 
 from authz.access_log_ledger import ENVOY_COUNTER_NAMES
 from authz.envoy_access_log import NodeWorkload, Skipped, http_entry, node_workload
-from meshward.envoy_bootstrap import AUTHZ_CLUSTER
+from meshward.envoy_bootstrap import AUTHZ_CLUSTER, AuthzMode, workload_metadata
 from meshward.envoy_telemetry import (
     http_access_log,
     metrics_service_sink,
-    node_metadata,
     rbac_passed_filter,
     tcp_access_log,
 )
@@ -59,12 +58,14 @@ def test_the_stats_sink_reports_cumulative_counters_under_their_names() -> None:
 
 def test_the_node_metadata_names_the_workload_the_receiver_reads() -> None:
     node = base_pb2.Node(id="reviews-1")
-    node.metadata.update(node_metadata("default", {"app": "reviews"}, "reviews"))
+    node.metadata.update(
+        workload_metadata("default", {"app": "reviews"}, "reviews", AuthzMode.NATIVE)
+    )
     assert node_workload(node) == NodeWorkload(
         "default", {"app": "reviews"}, "reviews", "reviews-1"
     )
     node = base_pb2.Node(id="bare")
-    node.metadata.update(node_metadata("default", {}, None))
+    node.metadata.update(workload_metadata("default", {}, None, AuthzMode.NATIVE))
     assert node_workload(node).service is None
 
 
