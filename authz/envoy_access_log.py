@@ -47,8 +47,8 @@ have sent for the request, built from the entry and redacted like ext_authz's, s
 ``explain`` and ``replay`` re-evaluate it. It lacks what the entry lacks: the body
 (``body`` in ``redacted`` when there was one) and every header but the pseudo
 headers, ``user-agent``, ``x-forwarded-for``, ``x-request-id`` and the ones the
-logger was configured to add (:data:`UNLOGGED_HEADERS` in ``redacted``: replay counts
-a request whose policies read a header as not re-evaluable). ``referer`` is never
+logger was configured to add (``header:*:NAMES`` in ``redacted``: replay counts a
+request as not re-evaluable when its policies read any other header). ``referer`` is never
 kept: its URL may carry a token in its query.
 
 ``latency_us`` stays None: Envoy does not report how long its RBAC filters took, and
@@ -87,13 +87,14 @@ from authz.rbac_translation import (
     EXT_AUTHZ_SHADOW_PREFIX,
     parse_policy_name,
 )
-from authz.replay import UNLOGGED_HEADERS
+from authz.replay import logged_headers_marker
 from authz.request_view import RequestView
 
 __all__ = [
     "ENGINE",
     "HTTP_RBAC_METADATA",
     "NETWORK_RBAC_METADATA",
+    "NODE_LOGGED_HEADERS",
     "NODE_WORKLOAD",
     "PASSED_NAMESPACE",
     "SKIP_EXT_AUTHZ",
@@ -111,6 +112,8 @@ ENGINE = "envoy-rbac"
 # The node metadata naming the sidecar's workload, {namespace, labels, service}: the
 # key the agent's ECDS reads too (identity.extension_configs, which authz may not import).
 NODE_WORKLOAD = "meshward.workload"
+# The request headers the sidecar's access logger carries: an absent one was not sent.
+NODE_LOGGED_HEADERS = "meshward.logged_headers"
 # {"passed": true}, and maybe "ext_authz": true, "policy_set_version": "..."
 PASSED_NAMESPACE = "meshward.rbac"
 HTTP_RBAC_METADATA = "envoy.filters.http.rbac"
@@ -150,6 +153,8 @@ class NodeWorkload:
     labels: Mapping[str, str] = field(default_factory=dict)
     service: str | None = None
     node_id: str = ""
+    # The request headers its access logger was configured to carry (present or not).
+    logged_headers: tuple[str, ...] = ()
 
 
 @dataclass(slots=True, frozen=True)
@@ -184,7 +189,16 @@ def node_workload(node: base_pb2.Node) -> NodeWorkload:
                     "malformed_node", f"node metadata {NODE_WORKLOAD}.labels.{key} is not text"
                 )
             labels[key] = item.string_value
-    return NodeWorkload(namespace or None, labels, service or None, node.id)
+    logged: tuple[str, ...] = ()
+    if NODE_LOGGED_HEADERS in node.metadata.fields:
+        value = node.metadata.fields[NODE_LOGGED_HEADERS]
+        items = value.list_value.values if value.WhichOneof("kind") == "list_value" else None
+        if items is None or any(i.WhichOneof("kind") != "string_value" for i in items):
+            raise EntryError(
+                "malformed_node", f"node metadata {NODE_LOGGED_HEADERS} is not a list of names"
+            )
+        logged = tuple(i.string_value.lower() for i in items)
+    return NodeWorkload(namespace or None, labels, service or None, node.id, logged)
 
 
 def _string(fields: Any, key: str) -> str | None:
@@ -257,6 +271,7 @@ def http_entry(
         version=version if isinstance(version, str) else None,
         redaction=redaction,
         body=entry.request.request_body_bytes > 0,
+        logged_headers=workload.logged_headers,
     )
 
 
@@ -409,6 +424,7 @@ def _recorded(
     version: str | None,
     redaction: Redaction | None,
     body: bool = False,
+    logged_headers: tuple[str, ...] = (),
 ) -> Recorded:
     view: RequestView | None
     error: str | None = None
@@ -422,7 +438,9 @@ def _recorded(
     redacted: tuple[str, ...] = ("request",)
     if view is not None and redaction is not None:
         snapshot, redacted = request_snapshot(check, view.headers, redaction)
-        missing = [UNLOGGED_HEADERS] if view.is_http else []
+        # Known: the headers the entry carried, and the logged ones it did not (not sent).
+        known = {*view.headers, *logged_headers}
+        missing = [logged_headers_marker(known)] if view.is_http else []
         if body:
             missing.append("body")
         redacted = (*redacted, *missing)

@@ -56,13 +56,20 @@ __all__ = [
     "Dependencies",
     "Replay",
     "dependencies",
+    "logged_headers_marker",
     "report_text",
 ]
 
 ALLOW_TO_DENY = "allow_to_deny"
 DENY_TO_ALLOW = "deny_to_allow"
-# In ``redacted``: the stored request has only the headers Envoy's access log carried.
+# In ``redacted``: the stored request has only the headers Envoy's access log carried,
+# ``header:*`` alone (older records) or followed by their names: ``header:*:a,b``.
 UNLOGGED_HEADERS = "header:*"
+
+
+def logged_headers_marker(present: Iterable[str]) -> str:
+    """The ``redacted`` item of a request whose headers are only ``present``."""
+    return f"{UNLOGGED_HEADERS}:{','.join(sorted(present))}"
 
 
 class Decider(Protocol):
@@ -85,11 +92,13 @@ class Dependencies:
             kind, _, name = item.partition(":")
             if kind == "request":
                 return "no request snapshot was stored"
-            if item == UNLOGGED_HEADERS:
-                if self.istio_headers:
+            if item == UNLOGGED_HEADERS or item.startswith(f"{UNLOGGED_HEADERS}:"):
+                present = set(item.removeprefix(UNLOGGED_HEADERS).removeprefix(":").split(","))
+                unlogged = sorted(self.istio_headers - present)
+                if unlogged:
                     return (
-                        "an Istio policy reads a request header, and only the headers "
-                        "Envoy's access log carried are stored"
+                        f"an Istio policy reads header {unlogged[0]}, which Envoy's access "
+                        "log did not carry"
                     )
                 if rego and (self.rego_any_header or "header" in self.rego_text):
                     return (

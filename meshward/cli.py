@@ -522,6 +522,14 @@ def policy_eval(
     type=click.Path(path_type=Path, file_okay=False),
     help="The policies it starts from (default: the sample policies/).",
 )
+@click.option(
+    "--authz-mode",
+    type=click.Choice(["hybrid", "ext_authz"]),
+    default="hybrid",
+    show_default=True,
+    help="hybrid: Istio policies in Envoy's RBAC filters, ext_authz only for Rego; "
+    "ext_authz: every request asks meshward authz.",
+)
 @click.option("--keep", is_flag=True, help="Leave the mesh running afterwards, until Ctrl-C.")
 @click.option(
     "--report",
@@ -535,12 +543,14 @@ def demo(
     identity: str,
     data_dir: Path | None,
     policies: Path | None,
+    authz_mode: str,
     keep: bool,
     report: Path | None,
 ) -> None:
     """Run the sample mesh: five workloads with Envoy sidecars, mTLS with SVIDs that rotate,
     ext_authz on every request, a policy change, and the audit trail of it all."""
     from meshward.demo.mesh import DemoSettings, run_demo
+    from meshward.envoy_bootstrap import AuthzMode
     from meshward.up import policies_dir
 
     settings = DemoSettings(
@@ -550,6 +560,7 @@ def demo(
         data_dir=data_dir,
         keep=keep,
         report=report,
+        authz_mode=AuthzMode(authz_mode),
     )
     sys.exit(run_demo(settings, policies_dir(policies)))
 
@@ -612,6 +623,13 @@ def envoy() -> None:
     "CUSTOM (Rego) policy applies.",
 )
 @click.option(
+    "--log-header",
+    "logged_headers",
+    multiple=True,
+    help="native/hybrid: a request header the audit trail keeps of what the RBAC filters "
+    "decided, for replay of policies that read it (repeat; credentials are refused).",
+)
+@click.option(
     "--rego-always",
     is_flag=True,
     help="hybrid: send every request the RBAC filters allowed to ext_authz, for authz "
@@ -638,6 +656,7 @@ def envoy_bootstrap(
     jwks_file: Path | None,
     access_log: str | None,
     authz_mode: str,
+    logged_headers: tuple[str, ...],
     rego_always: bool,
     fmt: str,
 ) -> None:
@@ -647,6 +666,7 @@ def envoy_bootstrap(
     native and hybrid take the RBAC filters from the agent (which serves agent.policies;
     `meshward up`: --policies), for the workload named by --namespace, --label, --service.
     """
+    from audit.redaction import ALWAYS_REDACTED_HEADERS
     from meshward.envoy_bootstrap import AuthzMode, JwtIssuer, dump_yaml, sidecar_bootstrap
 
     if (jwt_issuer is None) != (jwks_file is None):
@@ -661,6 +681,12 @@ def envoy_bootstrap(
             )
         )
 
+    for header in logged_headers:
+        if header.lower() in ALWAYS_REDACTED_HEADERS:
+            raise click.BadParameter(
+                f"{header}: a credential is never sent to the audit trail",
+                param_hint="--log-header",
+            )
     parsed: dict[str, str] = {}
     for label in labels:
         key, sep, value = label.partition("=")
@@ -686,6 +712,7 @@ def envoy_bootstrap(
         access_log=access_log,
         authz_mode=AuthzMode(authz_mode),
         rego_always=rego_always,
+        logged_headers=logged_headers,
     )
     if fmt == "json":
         click.echo(json.dumps(bootstrap, indent=2))

@@ -35,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from authz.envoy_access_log import NODE_LOGGED_HEADERS
 from authz.rbac_chain import EXTENSION_WITH_MATCHER, HTTP_CHAIN, custom_unavailable_filter
 from authz.rbac_matchers import JWT_PAYLOAD_KEY
 from authz.rbac_translation import ENVOY_RUNTIME, Family, ext_authz_enabled_metadata
@@ -558,6 +559,7 @@ def sidecar_bootstrap(
     upstreams: Sequence[Upstream] = (),
     jwt_issuer: JwtIssuer | None = None,
     access_log: str | None = None,
+    logged_headers: Sequence[str] = (),
 ) -> dict[str, Any]:
     """A sidecar: inbound mTLS with the workload's SVID, every request checked as
     ``authz_mode`` says (ext_authz to authz on ``authz_port`` by default; the CLI's
@@ -570,6 +572,8 @@ def sidecar_bootstrap(
     ``outbound_port`` the application reaches ``upstreams`` through it by Host name, over
     mTLS, each required to present its SPIFFE ID. ``jwt_issuer`` verifies end-user tokens
     before the check; ``access_log`` (a path, e.g. /dev/stdout) logs every request.
+    ``logged_headers``: request headers the audit trail keeps of what the RBAC chain
+    decided (native, hybrid), so that replay can decide again with policies reading them.
     """
     mode = AuthzMode(authz_mode)
     ext_authz = mode is not AuthzMode.NATIVE
@@ -630,7 +634,7 @@ def sidecar_bootstrap(
     audited = mode is not AuthzMode.EXT_AUTHZ and authz_port is not None
     if audited:
         # What the RBAC chain decided reaches the audit trail over the access-log service.
-        loggers.append(http_access_log())
+        loggers.append(http_access_log(request_headers=logged_headers))
     if loggers:
         manager["access_log"] = loggers
     listeners = [inbound]
@@ -645,7 +649,10 @@ def sidecar_bootstrap(
             workload,
             None
             if mode is AuthzMode.EXT_AUTHZ
-            else workload_metadata(namespace, labels, service, mode),
+            else {
+                **workload_metadata(namespace, labels, service, mode),
+                **({NODE_LOGGED_HEADERS: list(logged_headers)} if logged_headers else {}),
+            },
         ),
         "admin": _admin(admin_port),
     }

@@ -17,6 +17,7 @@ from audit.sink import MemorySink
 from authz.check_request import build_view
 from authz.envoy_access_log import (
     ENGINE,
+    NODE_LOGGED_HEADERS,
     NODE_WORKLOAD,
     SKIP_EXT_AUTHZ,
     SKIP_UNDECIDED,
@@ -33,7 +34,14 @@ from authz.istio_engine import evaluate
 from authz.istio_loader import parse_documents
 from authz.policy_store import PolicyStore
 from authz.rbac_chain import CUSTOM_UNAVAILABLE_POLICY
-from authz.replay import DENY_TO_ALLOW, UNLOGGED_HEADERS, Candidate, Dependencies, Replay
+from authz.replay import (
+    DENY_TO_ALLOW,
+    UNLOGGED_HEADERS,
+    Candidate,
+    Dependencies,
+    Replay,
+    logged_headers_marker,
+)
 from authz.server import AuthorizationServicer
 
 REDACTION = Redaction.build(b"k" * 32)
@@ -137,7 +145,11 @@ def test_allowed_by_an_allow_rule_names_it_with_the_request_and_workload() -> No
     assert record.dry_run is None
     assert record.dry_run_flips == ()
     assert record.audit_policy_ids == ()
-    assert UNLOGGED_HEADERS in record.redacted
+    # Only the headers the log carried are in the snapshot, and the record names them.
+    (marker,) = (r for r in record.redacted if r.startswith(UNLOGGED_HEADERS))
+    present = set(marker.removeprefix(f"{UNLOGGED_HEADERS}:").split(","))
+    assert {":path", ":method", ":authority"} <= present
+    assert "authorization" not in present
     # The snapshot is what ext_authz would have been sent, workload included.
     check = snapshot(out)
     assert check.attributes.source.principal == CLIENT
@@ -436,6 +448,13 @@ def test_replay_counts_a_snapshot_without_its_headers_when_a_policy_reads_one() 
     assert reads_none.reason_not_reevaluable([UNLOGGED_HEADERS], rego=False) is None
     assert rego_reads.reason_not_reevaluable([UNLOGGED_HEADERS], rego=True) is not None
     assert rego_reads.reason_not_reevaluable([UNLOGGED_HEADERS], rego=False) is None
+    # A header the logger was configured to carry is in the snapshot: no guess.
+    logged = logged_headers_marker([":path", "x-team"])
+    assert reads_header.reason_not_reevaluable([logged], rego=False) is None
+    other = logged_headers_marker([":path", "traceparent"])
+    reason = reads_header.reason_not_reevaluable([other], rego=False)
+    assert reason is not None
+    assert "x-team" in reason
 
 
 # -- TCP ---------------------------------------------------------------------------
@@ -477,7 +496,8 @@ def test_tcp_connections_denied_allowed_and_undecided() -> None:
     assert (unnamed.allowed, unnamed.reason) == (False, "no_allow_policy_matched")
     allowed = recorded(tcp_entry(tcp(received=120), WORKLOAD, REDACTION))
     assert (allowed.record.allowed, allowed.record.reason) == (True, "allowed_by_rbac")
-    assert UNLOGGED_HEADERS not in allowed.record.redacted  # a connection has no headers
+    # A connection has no headers.
+    assert not [r for r in allowed.record.redacted if r.startswith(UNLOGGED_HEADERS)]
     assert not snapshot(allowed).attributes.request.http.method
     # No byte from the client: the network RBAC filter never decided.
     assert tcp_entry(tcp(), WORKLOAD, REDACTION) == Skipped(SKIP_UNDECIDED)
@@ -559,3 +579,21 @@ spec: {rules: [{}]}
     changed = Replay(directory="changed")
     changed.add(denied.record.as_dict(), denied.snapshot, candidate(tmp_path / "b", allow_all))
     assert changed.flips[DENY_TO_ALLOW] == 1
+
+
+def test_a_logged_header_the_client_did_not_send_is_known_absent_not_unknown() -> None:
+    node = base_pb2.Node(id="reviews-1")
+    node.metadata.update(
+        {NODE_WORKLOAD: {"namespace": "default"}, NODE_LOGGED_HEADERS: ["Traceparent"]}
+    )
+    workload = node_workload(node)
+    assert workload.logged_headers == ("traceparent",)
+    out = recorded(http_entry(entry(metadata=PASSED), workload, REDACTION))
+    # The request carried no traceparent: a policy reading it decides on its absence.
+    reads = Dependencies(istio_headers=frozenset({"traceparent"}), rego_text="")
+    assert reads.reason_not_reevaluable(out.record.redacted, rego=False) is None
+    unlogged = recorded(http_entry(entry(metadata=PASSED), WORKLOAD, REDACTION))
+    assert reads.reason_not_reevaluable(unlogged.record.redacted, rego=False) is not None
+    node.metadata.update({NODE_LOGGED_HEADERS: "traceparent"})
+    with pytest.raises(EntryError, match="not a list of names"):
+        node_workload(node)

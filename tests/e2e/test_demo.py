@@ -36,7 +36,7 @@ EXPECTED_PER_ROUND = {
 }
 
 
-def _run_demo(root: Path, identity: str) -> dict[str, object]:
+def _run_demo(root: Path, identity: str, authz_mode: str) -> dict[str, object]:
     report = root / "report.json"
     done = run_cli(
         "demo",
@@ -46,6 +46,8 @@ def _run_demo(root: Path, identity: str) -> dict[str, object]:
         "6",
         "--identity",
         identity,
+        "--authz-mode",
+        authz_mode,
         "--data-dir",
         root / "mesh",
         "--report",
@@ -60,9 +62,15 @@ def _run_demo(root: Path, identity: str) -> dict[str, object]:
     return result
 
 
-def _check(result: dict[str, object], mode: str) -> None:
+def _check(result: dict[str, object], mode: str, authz_mode: str) -> None:
     output = str(result["output"])
     assert result["mode"] == mode
+    assert result["authz_mode"] == authz_mode
+    engines = result["engines"]
+    assert isinstance(engines, dict)
+    # hybrid: Envoy's RBAC filters decided the Istio-only calls (recorded from its access
+    # log); ext_authz: meshward authz decided every call.
+    assert ("envoy-rbac" in engines) is (authz_mode == "hybrid")
     assert result["failures"] == [], output
     before, after = result["rounds"]  # type: ignore[misc]
     assert before >= 1
@@ -95,10 +103,11 @@ def _check(result: dict[str, object], mode: str) -> None:
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="runs each Envoy as its own uid, which needs root")
-def test_demo_as_root_identities_by_uid(root: Path) -> None:
-    _check(_run_demo(root, "uid"), "uid")
+def test_demo_as_root_identities_by_uid_hybrid(root: Path) -> None:
+    _check(_run_demo(root, "uid", "hybrid"), "uid", "hybrid")
 
 
-def test_demo_identities_by_binary_path(root: Path) -> None:
-    # What an ordinary user's `make demo` runs: no uid switch, unix:path selectors.
-    _check(_run_demo(root, "path"), "path")
+def test_demo_identities_by_binary_path_ext_authz(root: Path) -> None:
+    # What an ordinary user's `make demo` attests by (no uid switch, unix:path selectors),
+    # and the same table with every request through ext_authz.
+    _check(_run_demo(root, "path", "ext_authz"), "path", "ext_authz")

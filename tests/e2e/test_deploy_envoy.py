@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -285,3 +286,15 @@ def test_envoy_bootstrap_refuses_a_malformed_label() -> None:
     assert result.stderr.strip().splitlines() == [
         "error: Invalid value for --label: 'bad' is not k=v"
     ]
+
+
+def test_log_header_keeps_a_header_of_envoys_decisions_but_never_a_credential() -> None:
+    printed = run_cli(*BASE, "--log-header", "traceparent", "--format", "json").ok()
+    manager = json.loads(printed.stdout)["static_resources"]["listeners"][0]["filter_chains"][0][
+        "filters"
+    ][0]["typed_config"]
+    assert http_access_log(request_headers=["traceparent"]) in manager["access_log"]
+    refused = run_cli(*BASE, "--log-header", "Cookie")
+    assert refused.returncode == 2, refused.describe()
+    assert "--log-header: Cookie: a credential is never sent to the audit trail" in refused.stderr
+    assert "Traceback" not in refused.stderr
