@@ -20,7 +20,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from meshward.envoy_bootstrap import JwtIssuer, client_bootstrap, sidecar_bootstrap
+from meshward.envoy_bootstrap import JwtIssuer, sidecar_bootstrap
 from tests.e2e.echo_app import EchoApp
 from tests.e2e.envoys import (
     CLIENT_ID,
@@ -29,6 +29,7 @@ from tests.e2e.envoys import (
     SERVER_ID,
     SERVER_UID,
     Envoy,
+    start_client,
     start_envoy,
     wait_until,
 )
@@ -96,20 +97,7 @@ def test_request_principals_and_claims_decide_through_the_sidecar(
         )
         envoys.append(inbound)
         wait_until(inbound.ready, inbound)
-        outbound = start_envoy(
-            root,
-            "client",
-            client_bootstrap(
-                node_id="client",
-                agent_socket=agent_socket,
-                upstream_port=inbound.port("inbound"),
-                server_id=SERVER_ID,
-            ),
-            CLIENT_UID,
-        )
-        envoys.append(outbound)
-        wait_until(outbound.ready, outbound)
-        url = f"http://127.0.0.1:{outbound.port('outbound')}"
+        _, url = start_client(root, agent_socket, inbound, envoys)
         stranger = ec.generate_private_key(ec.SECP256R1())
 
         def send(method: str, token: str | None) -> int:
