@@ -25,7 +25,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -78,8 +78,15 @@ class Proc:
 
     def cpu_seconds(self) -> float:
         """User + system CPU of the process (all its threads), from /proc."""
-        fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_seconds(self.popen.pid)
+
+    def children_cpu_seconds(self) -> float:
+        """The same for its running children (``meshward authz``'s audit shipper)."""
+        total = 0.0
+        for pid in child_pids(self.popen.pid):
+            with contextlib.suppress(OSError):  # it exited since
+                total += process_cpu_seconds(pid)
+        return total
 
     def stop(self) -> None:
         if self.popen.poll() is None:
@@ -89,6 +96,28 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait()
+
+
+def _stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat after the command name (which may hold spaces): state, ppid, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (all its threads), from /proc."""
+    fields = _stat(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` now."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):  # gone meanwhile
+                if int(_stat(int(entry.name))[1]) == pid:
+                    found.append(int(entry.name))
+    return found
 
 
 def wait_until(condition: Callable[[], Any], what: str, process: Proc) -> Any:
@@ -187,11 +216,13 @@ def http_listener(
     *,
     port: int = 0,
     transport_socket: dict[str, Any] | None = None,
+    manager: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A plain HTTP/1.1 listener on loopback; ``route`` is the one route for ``/``.
 
     With port 0 Envoy picks the port (``start_envoy`` reads it back). ``route`` without
-    an action answers ``200 ok`` with a ``direct_response``.
+    an action answers ``200 ok`` with a ``direct_response``. ``manager`` adds fields to
+    the ``http_connection_manager`` (``access_log``, ``use_remote_address``).
     """
     if not {"route", "direct_response", "redirect"} & set(route):
         route = {"direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}, **route}
@@ -208,6 +239,7 @@ def http_listener(
             *filters,
             {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}},
         ],
+        **(manager or {}),
     }
     chain: dict[str, Any] = {
         "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]
@@ -322,7 +354,8 @@ class Load:
     """How h2load drives a listener: as fast as it can (rate None), or at ``rate`` req/s.
 
     At a fixed rate: rate/100 connections at up to 100 req/s each, opened 1/rate s
-    apart (see RPS_PER_CONNECTION). A connection sends its next request only once the
+    apart (see RPS_PER_CONNECTION; one 10 ms tick more when several paths are asked
+    for in turn, see ``argv``). A connection sends its next request only once the
     last is answered: an answer slower than its 10 ms tick delays the next request,
     which then is timed from when it was sent.
     """
@@ -334,7 +367,16 @@ class Load:
     def fixed(cls, rate: int) -> Load:
         return cls(connections=math.ceil(rate / RPS_PER_CONNECTION), rate=rate)
 
-    def argv(self, port: int, seconds: int, log: Path | None, request: Request) -> list[str]:
+    def argv(
+        self,
+        port: int,
+        seconds: int,
+        log: Path | None,
+        request: Request,
+        paths: Sequence[str] = (),
+    ) -> list[str]:
+        """h2load's command line; with ``paths`` each connection requests them in turn
+        (same method and headers), instead of ``request``'s path."""
         method, path, headers = request
         assert method == "GET"  # h2load's default
         argv = ["h2load", "--h1", "-t", "1", "-m", "1", "-c", str(self.connections)]
@@ -342,13 +384,19 @@ class Load:
             argv += ["-D", str(seconds)]
         else:
             stagger = max(1, round(1000 / self.rate))  # ms; h2load takes whole ms only
+            if len(paths) > 1:
+                # Opened 1/rate s apart, every connection would be at the same place in
+                # ``paths`` at the same time, and a path taken one time in ten would
+                # arrive as a burst from all of them once per round. One tick more apart,
+                # each is one path further on, and the ticks still interleave as before.
+                stagger += round(1000 * self.connections / self.rate)
             argv += ["-n", str(self.rate * seconds), "-r", "1", "--rate-period", f"{stagger}ms"]
             argv += ["--rps", f"{self.rate / self.connections:g}"]
         if log is not None:
             argv += ["--log-file", str(log)]
         for key, value in headers.items():
             argv += ["-H", f"{key}: {value}"]
-        return [*argv, f"http://127.0.0.1:{port}{path}"]
+        return [*argv, *(f"http://127.0.0.1:{port}{p}" for p in (paths or [path]))]
 
     def __str__(self) -> str:
         if self.rate is None:
@@ -372,20 +420,26 @@ def measure(
     request: Request,
     *,
     envoy: Proc,
-    meshward: Proc | None,
+    meshward: Proc | Sequence[Proc] | None,
     seconds: int,
     warmup: int,
     log: Path,
+    paths: Sequence[str] = (),
 ) -> Result:
-    """Warm up (not recorded), then one recorded run of ``seconds``."""
+    """Warm up (not recorded), then one recorded run of ``seconds``.
+
+    ``authz_cpu`` is the sum over ``meshward`` when it is several processes; ``paths``
+    as in :meth:`Load.argv`.
+    """
     if warmup:
-        run_h2load(load.argv(port, warmup, None, request), warmup)
-    procs = [envoy] if meshward is None else [envoy, meshward]
+        run_h2load(load.argv(port, warmup, None, request, paths), warmup)
+    authz = [] if meshward is None else [meshward] if isinstance(meshward, Proc) else meshward
+    procs = [envoy, *authz]
     log.unlink(missing_ok=True)  # h2load appends to an existing log
     cpu_before = [p.cpu_seconds() for p in procs]
     busy_before, h2load_before = machine_busy_seconds(), children_cpu_seconds()
     started = time.monotonic()
-    out = run_h2load(load.argv(port, seconds, log, request), seconds)
+    out = run_h2load(load.argv(port, seconds, log, request, paths), seconds)
     wall = time.monotonic() - started
     cpu = [(p.cpu_seconds() - b) / wall * 100 for p, b in zip(procs, cpu_before, strict=True)]
     busy = (machine_busy_seconds() - busy_before) / wall * 100
@@ -409,6 +463,6 @@ def measure(
         requests=len(latencies),
         not_ok=not_ok,
         envoy_cpu=cpu[0],
-        authz_cpu=cpu[1] if meshward is not None else 0.0,
+        authz_cpu=sum(cpu[1:]),
         other_cpu=max(0.0, busy - sum(cpu) - h2load),
     )

@@ -18,7 +18,7 @@ from audit.redaction import Redaction
 from audit.sink import MemorySink
 from authz.access_log_ledger import ENVOY_COUNTER_NAMES, AccessLogLedger
 from authz.access_log_server import AccessLogServicer
-from authz.envoy_access_log import NODE_LABELS, NODE_NAMESPACE
+from authz.envoy_access_log import NODE_WORKLOAD
 from authz.envoy_metrics_service import (
     METRICS_SERVICE,
     MetricsServiceServicer,
@@ -65,7 +65,7 @@ def serve(
 
 def node(node_id: str = "reviews-1") -> base_pb2.Node:
     out = base_pb2.Node(id=node_id, cluster="meshward")
-    out.metadata.update({NODE_NAMESPACE: "default", NODE_LABELS: {"app": "reviews"}})
+    out.metadata.update({NODE_WORKLOAD: {"namespace": "default", "labels": {"app": "reviews"}}})
     return out
 
 
