@@ -57,8 +57,9 @@ each run preceded by a warm-up that is not recorded:
   delays the next request, which then is timed from when it was sent.
 
 p50/p99 come from h2load's per-request log (it prints no percentiles itself). Printed per
-mode and listener: req/s, p50, p99, non-200 answers and the CPU Envoy, meshward authz
-and the rest of the machine used (% of one core); the throughput ratios to ``rbac`` and
+mode and listener: req/s, p50, p99, non-200 answers and the CPU Envoy (also in µs per
+request: the data plane's own cost), meshward authz and the rest of the machine used (% of
+one core); the throughput ratios to ``rbac`` and
 of ``ext_authz_2`` to ``ext_authz``, and what each listener adds to the p50/p99 of
 ``none``, against the targets: ``native``/``rbac`` throughput at saturation >= 0.9, and
 ``native``'s added p99 at the fixed rate within 0.1 ms of ``rbac``'s.
@@ -640,12 +641,15 @@ def report(load: Load, results: dict[str, Result], audited: dict[str, Audited]) 
     print(f"-- {load} --")
     print(
         f"{'listener':<12} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'requests':>9} "
-        f"{'non-200':>8} {'Envoy CPU':>10} {'authz CPU':>10} {'other CPU':>10}"
+        f"{'non-200':>8} {'Envoy CPU':>10} {'µs/req':>7} {'authz CPU':>10} {'other CPU':>10}"
     )
     for name, r in results.items():
+        # Envoy's own CPU per request: the data plane's cost, whichever process bounds req/s.
+        per_request = r.envoy_cpu / 100 / max(r.rps, 1) * 1e6
         print(
             f"{name:<12} {r.rps:>9.0f} {r.p50:>8.3f} {r.p99:>8.3f} {r.requests:>9} "
-            f"{r.not_ok:>8} {r.envoy_cpu:>9.0f}% {r.authz_cpu:>9.0f}% {r.other_cpu:>9.0f}%"
+            f"{r.not_ok:>8} {r.envoy_cpu:>9.0f}% {per_request:>7.1f} {r.authz_cpu:>9.0f}% "
+            f"{r.other_cpu:>9.0f}%"
         )
     none, rbac, native = results["none"], results["rbac"], results["native"]
     for name in ("native", "hybrid", "ext_authz"):

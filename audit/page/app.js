@@ -265,6 +265,7 @@ async function showExplanation(id) {
   }
   if (!id) {
     panel.hidden = true;
+    delete panel.dataset.decision;
     return;
   }
   const report = await api(`/decisions/${encodeURIComponent(id)}/explain`);
@@ -322,6 +323,7 @@ async function showExplanation(id) {
   }
   body.replaceChildren(...parts);
   panel.hidden = false;
+  panel.dataset.decision = d.decision_id;  // rendered in full, for the browser test
 }
 
 // -- dry-run and edges ---------------------------------------------------------------
@@ -402,7 +404,10 @@ async function runReplay(event) {
 
 // -- wiring --------------------------------------------------------------------------
 
+let renderedSearch = null;
+
 async function render() {
+  renderedSearch = location.search;
   showError(null);
   filtersToForm();
   const current = tab();
@@ -427,7 +432,9 @@ $("#clear").addEventListener("click", () => setFilters(new URLSearchParams()));
 $("#more").addEventListener("click", () => guarded(() => loadDecisions(false)));
 $("#close-explain").addEventListener("click", () => { location.hash = "decisions"; });
 $("#replay-form").addEventListener("submit", runReplay);
-window.addEventListener("popstate", render);
+// Back/forward across filters; a hash change (a tab, a decision) fires popstate too, and
+// the hashchange listener alone handles it, so the list is not fetched twice.
+window.addEventListener("popstate", () => { if (location.search !== renderedSearch) render(); });
 window.addEventListener("hashchange", () => {
   if (tab() === "decisions" && document.querySelector("#decision-list tr.row")) {
     guarded(() => showExplanation(openDecision()));

@@ -81,7 +81,8 @@ def test_the_page_shows_filters_explains_and_replays(
         chromium() as driver,
     ):
         driver.get(f"{audit.url}/?since=1h")
-        wait(driver, lambda: text(driver, "#total-allowed"), "the chart")
+        # The chart comes first, the top tables from requests of their own: all rendered.
+        wait(driver, loaded_since(driver, None), "the overview")
         assert text(driver, "#total-allowed") == f"{allowed} allowed"
         assert text(driver, "#total-denied") == f"{denied} denied"
         bars = driver.find_elements(By.CSS_SELECTOR, "#chart rect")
@@ -126,10 +127,12 @@ def test_the_page_shows_filters_explains_and_replays(
         driver.find_element(By.CSS_SELECTOR, f"tr.row[data-id='{denial.decision_id}']").click()
         wait(
             driver,
-            lambda: driver.find_element(By.ID, "explanation").is_displayed(),
+            lambda: driver.find_element(By.ID, "explanation").get_attribute("data-decision")
+            == denial.decision_id,
             "the explanation",
         )
-        wait(driver, lambda: text(driver, "#explain-id") == denial.decision_id, "its decision id")
+        assert driver.find_element(By.ID, "explanation").is_displayed()
+        assert text(driver, "#explain-id") == denial.decision_id
         assert text(driver, "#explain-decided-by") == denial.policy_id
         assert "the same as recorded" in text(driver, "#explain-reevaluated")
         matched = text(driver, "#explain-policies")
