@@ -39,7 +39,10 @@ class AuthzTelemetry:
         redaction: Redaction | None,
         registry: CollectorRegistry,
     ) -> None:
-        self.ledger = AccessLogLedger(config.data_dir / "audit" / "access-log-ledger.json")
+        worker = config.authz.worker
+        # Sidecars send to worker 0 only; the others' ledgers stay empty, never shared.
+        name = f"access-log-ledger-{worker}.json" if worker else "access-log-ledger.json"
+        self.ledger = AccessLogLedger(config.data_dir / "audit" / name)
         self.access_log = AccessLogServicer(sink=sink, receipts=self.ledger, redaction=redaction)
         self.metrics = MetricsServiceServicer(self.ledger, ENVOY_COUNTER_NAMES)
         registry.register(self.access_log.collector())

@@ -588,6 +588,14 @@ def envoy() -> None:
     "--authz-port", type=int, default=9191, show_default=True, help="meshward authz on loopback."
 )
 @click.option(
+    "--authz-workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="authz.workers of the meshward up beside it: ext_authz to that many processes from "
+    "--authz-port on, access logs to the first.",
+)
+@click.option(
     "--authz-spiffe-id",
     help="Reach authz over mTLS and require this SPIFFE ID (authz.tls on the authz side).",
 )
@@ -649,6 +657,7 @@ def envoy_bootstrap(
     admin_port: int,
     agent_socket: Path,
     authz_port: int,
+    authz_workers: int,
     authz_spiffe_id: str | None,
     outbound_port: int,
     upstreams: tuple[str, ...],
@@ -700,6 +709,7 @@ def envoy_bootstrap(
         service=service,
         agent_socket=agent_socket.absolute(),
         authz_port=authz_port,
+        authz_workers=authz_workers,
         authz_id=_spiffe_id_option(authz_spiffe_id, "--authz-spiffe-id"),
         app_port=app_port,
         inbound_port=inbound_port,

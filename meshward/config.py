@@ -23,6 +23,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from audit.redaction import DEFAULT_REDACTED_QUERY_PARAMETERS
@@ -291,6 +292,38 @@ class AuthzConfig(_Section):
     reload_interval: Duration = timedelta(seconds=1)
     tls: AuthzTLSConfig | None = None  # mTLS on the gRPC listener with the process's own SVID
     rego: AuthzRegoConfig = AuthzRegoConfig()  # policies/rego/: the Rego engine
+    # `meshward up` runs this many authz processes (a Check is CPU-bound Python: one core
+    # each), on listen's port and the ones after it, as the endpoints of every sidecar's
+    # authz cluster (`envoy bootstrap --authz-workers`).
+    workers: int = 1
+    # Which of them this process is (`up` sets it): its ports, spool and ledger follow.
+    worker: int = 0
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, value: int) -> int:
+        if not 1 <= value <= 64:
+            raise ValueError("must be 1 to 64 processes (one per core is the most that helps)")
+        return value
+
+    @model_validator(mode="after")
+    def _tcp_for_workers(self) -> AuthzConfig:
+        if self.workers > 1 and self.listen.startswith(("unix:", "/")):
+            raise ValueError(
+                f"workers: {self.workers} needs a TCP listen (host:port), where worker i "
+                f"listens on the port + i; listen is {self.listen!r}"
+            )
+        if self.workers > 1 and self.listen:
+            port = int(self.listen.rpartition(":")[2])
+            if port == 0 or port + self.workers - 1 > 65535:
+                raise ValueError(
+                    f"workers: {self.workers} listen on ports {port} to "
+                    f"{port + self.workers - 1}: give listen a fixed port at most "
+                    f"{65536 - self.workers}"
+                )
+        if not 0 <= self.worker < self.workers:
+            raise ValueError(f"worker {self.worker} is not one of the {self.workers} workers")
+        return self
 
 
 class AuditSpoolConfig(_Section):

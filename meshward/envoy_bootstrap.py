@@ -42,6 +42,7 @@ from authz.rbac_translation import ENVOY_RUNTIME, Family, ext_authz_enabled_meta
 from identity.extension_configs import AUTHZ_MODE_METADATA_KEY, WORKLOAD_METADATA_KEY
 from meshward.envoy_telemetry import (
     AUTHZ_CLUSTER,
+    AUTHZ_TELEMETRY_CLUSTER,
     http_access_log,
     metrics_service_sink,
     rbac_passed_filter,
@@ -94,8 +95,8 @@ def _socket_address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
-def _grpc_cluster(name: str, address: dict[str, Any]) -> dict[str, Any]:
-    """A static cluster speaking gRPC (so HTTP/2) to one address."""
+def _grpc_cluster(name: str, *addresses: dict[str, Any]) -> dict[str, Any]:
+    """A static cluster speaking gRPC (so HTTP/2) to these addresses (round robin)."""
     return {
         "name": name,
         "type": "STATIC",
@@ -108,7 +109,7 @@ def _grpc_cluster(name: str, address: dict[str, Any]) -> dict[str, Any]:
         },
         "load_assignment": {
             "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": a}} for a in addresses]}],
         },
     }
 
@@ -201,14 +202,17 @@ _EXT_AUTHZ = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.Ext
 _EXT_AUTHZ_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute"
 
 
-def authz_cluster(port: int, *, authz_id: str | None = None) -> dict[str, Any]:
-    """``meshward authz`` on loopback; with ``authz_id``, over mTLS.
+def authz_cluster(
+    port: int, *, authz_id: str | None = None, workers: int = 1, name: str = AUTHZ_CLUSTER
+) -> dict[str, Any]:
+    """``meshward authz`` on loopback, its ``workers`` processes (``authz.workers``) on
+    ``port`` and the ports after it; with ``authz_id``, over mTLS.
 
     The sidecar then presents its own SVID (``default`` from the agent over SDS, the
     same certificate its listener serves) and requires authz to present ``authz_id``,
     which ``meshward authz`` does with ``authz.tls`` set (its SVID from the same agent).
     """
-    cluster = _grpc_cluster(AUTHZ_CLUSTER, _socket_address("127.0.0.1", port))
+    cluster = _grpc_cluster(name, *(_socket_address("127.0.0.1", port + i) for i in range(workers)))
     if authz_id is not None:
         cluster["transport_socket"] = {
             "name": "envoy.transport_sockets.tls",
@@ -555,6 +559,7 @@ def sidecar_bootstrap(
     inbound_port: int = 15006,
     admin_port: int = 15000,
     authz_id: str | None = None,
+    authz_workers: int = 1,
     outbound_port: int | None = None,
     upstreams: Sequence[Upstream] = (),
     jwt_issuer: JwtIssuer | None = None,
@@ -566,7 +571,10 @@ def sidecar_bootstrap(
     default is hybrid).
 
     Requests that pass go to the application on 127.0.0.1:``app_port``. With ``authz_id``
-    the sidecar reaches authz over mTLS and requires that SPIFFE ID of it. In hybrid
+    the sidecar reaches authz over mTLS and requires that SPIFFE ID of it. With
+    ``authz_workers`` (``authz.workers``) ext_authz spreads over that many processes from
+    ``authz_port`` on, and the access logs and counters go to the first one only (a
+    node's two streams must meet in one ledger). In hybrid
     mode ``rego_always`` sends every request the RBAC chain allowed to ext_authz (for
     ``authz.rego.mode: always``), not only those a CUSTOM policy selected. With
     ``outbound_port`` the application reaches ``upstreams`` through it by Host name, over
@@ -632,9 +640,10 @@ def sidecar_bootstrap(
     manager["set_current_client_cert_details"] = {"uri": True}
     loggers = [] if access_log is None else _access_log(access_log)
     audited = mode is not AuthzMode.EXT_AUTHZ and authz_port is not None
+    telemetry = AUTHZ_TELEMETRY_CLUSTER if authz_workers > 1 else AUTHZ_CLUSTER
     if audited:
         # What the RBAC chain decided reaches the audit trail over the access-log service.
-        loggers.append(http_access_log(request_headers=logged_headers))
+        loggers.append(http_access_log(cluster=telemetry, request_headers=logged_headers))
     if loggers:
         manager["access_log"] = loggers
     listeners = [inbound]
@@ -642,7 +651,9 @@ def sidecar_bootstrap(
         listeners.append(_outbound_listener(outbound_port, upstreams, access_log))
     clusters = [app, agent_cluster(agent_socket)]
     if authz_port is not None:
-        clusters.append(authz_cluster(authz_port, authz_id=authz_id))
+        clusters.append(authz_cluster(authz_port, authz_id=authz_id, workers=authz_workers))
+        if audited and authz_workers > 1:
+            clusters.append(authz_cluster(authz_port, authz_id=authz_id, name=telemetry))
     clusters.extend(_upstream_cluster(u) for u in upstreams)
     bootstrap: dict[str, Any] = {
         "node": _node(
@@ -664,7 +675,7 @@ def sidecar_bootstrap(
     bootstrap["static_resources"] = {"listeners": listeners, "clusters": clusters}
     if audited:
         # Envoy's counters, so that meshward counts access-log entries that never arrived.
-        bootstrap["stats_sinks"] = [metrics_service_sink()]
+        bootstrap["stats_sinks"] = [metrics_service_sink(cluster=telemetry)]
     return bootstrap
 
 

@@ -39,6 +39,7 @@ from authz.envoy_access_log import PASSED_NAMESPACE
 
 __all__ = [
     "AUTHZ_CLUSTER",
+    "AUTHZ_TELEMETRY_CLUSTER",
     "BUFFER_FLUSH_INTERVAL",
     "BUFFER_SIZE_BYTES",
     "LOG_NAME",
@@ -50,6 +51,8 @@ __all__ = [
 
 # The cluster of `meshward authz`: ext_authz, and the access-log and metrics streams.
 AUTHZ_CLUSTER = "meshward_authz"
+# With several authz workers: the first one, where a sidecar's telemetry streams go.
+AUTHZ_TELEMETRY_CLUSTER = "meshward_authz_telemetry"
 LOG_NAME = "meshward"
 BUFFER_FLUSH_INTERVAL = "1s"  # Envoy's default: a decision reaches the spool within ~1 s
 # Envoy's default buffer: entries wait for a flush or for this many bytes; past it, with

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import uvicorn
@@ -52,6 +52,9 @@ from meshward.native_policies import (
     agent_policies_ready,
     native_policies,
 )
+
+if TYPE_CHECKING:
+    from meshward.up import AuthzChild
 
 __all__ = [
     "IdentityServer",
@@ -284,12 +287,13 @@ async def serve(
             )
             agent_server = _Server(_uvicorn_config(agent_health))
             servers.append((agent_server, listeners.agent_health))
-    authz = None
+    authz: list[AuthzChild] = []
     if policies is not None:
+        from meshward.authz_workers import worker_configs
         from meshward.up import AuthzChild
 
-        authz = AuthzChild(config, policies)
-        tasks.append(asyncio.create_task(authz.supervise(stopping)))
+        authz = [AuthzChild(worker, policies) for worker in worker_configs(config)]
+        tasks.extend(asyncio.create_task(child.supervise(stopping)) for child in authz)
     from meshward.up import listing
 
     print(
@@ -322,8 +326,9 @@ async def serve(
         server.db.dispose()
         if audit is not None:
             audit.close()
-    if authz is not None and authz.error is not None:
-        raise authz.error
+    for child in authz:
+        if child.error is not None:
+            raise child.error
 
 
 def _agent_metrics(

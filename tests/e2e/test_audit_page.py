@@ -127,8 +127,10 @@ def test_the_page_shows_filters_explains_and_replays(
         driver.find_element(By.CSS_SELECTOR, f"tr.row[data-id='{denial.decision_id}']").click()
         wait(
             driver,
-            lambda: driver.find_element(By.ID, "explanation").get_attribute("data-decision")
-            == denial.decision_id,
+            lambda: (
+                driver.find_element(By.ID, "explanation").get_attribute("data-decision")
+                == denial.decision_id
+            ),
             "the explanation",
         )
         assert driver.find_element(By.ID, "explanation").is_displayed()
