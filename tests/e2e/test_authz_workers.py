@@ -11,10 +11,7 @@ service at worker 0 only, with nothing lost; a signal stops every worker.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,17 +71,6 @@ allow if input.attributes.request.http.headers["x-rego"] == "yes"
 """
 
 
-@pytest.fixture
-def short_root() -> Iterator[Path]:
-    # Short (Unix socket paths) and traversable by the Envoys' uids, unlike pytest's tmp_path.
-    root = Path(tempfile.mkdtemp(prefix="mw-"))
-    root.chmod(0o755)
-    try:
-        yield root
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
 def metrics(health: str) -> dict[str, float]:
     totals: dict[str, float] = {}
     text = httpx.get(f"{health}/metrics", timeout=5).text
@@ -104,9 +90,8 @@ def stored(data_dir: Path, **filters: object) -> int:
 
 
 def test_up_runs_authz_workers_that_share_the_checks_and_one_audit_store(
-    short_root: Path,
+    root: Path, envoys: list[Envoy]
 ) -> None:
-    root = short_root
     policies = root / "policies"
     (policies / "istio").mkdir(parents=True)
     (policies / "istio" / "reviews.yaml").write_text(POLICIES)
@@ -114,7 +99,6 @@ def test_up_runs_authz_workers_that_share_the_checks_and_one_audit_store(
     (policies / "rego" / "custom.rego").write_text(REGO)
     listen, health = free_ports(WORKERS), free_ports(WORKERS)
     workers = [f"http://127.0.0.1:{health + i}" for i in range(WORKERS)]
-    envoys: list[Envoy] = []
     with (
         EchoApp() as app,
         running_server(
@@ -128,83 +112,78 @@ def test_up_runs_authz_workers_that_share_the_checks_and_one_audit_store(
             ),
         ) as up,
     ):
-        try:
-            for i, worker in enumerate(workers):
-                wait_until(lambda w=worker: httpx.get(f"{w}/ready", timeout=2).is_success)
-                assert f"  {f'authz {i}':<15} 127.0.0.1:{listen + i}" in up.stdout, up.stdout
-            register(up, SERVER_ID, SERVER_UID, ttl="1h")
-            register(up, CLIENT_ID, CLIENT_UID, ttl="1h")
-            socket = up.data_dir / "agent.sock"
-            inbound = start_envoy(
-                root,
-                "reviews",
-                sidecar_bootstrap(
-                    workload="reviews",
-                    namespace="default",
-                    labels={"app": "reviews"},
-                    service="reviews",
-                    agent_socket=socket,
-                    app_port=app.port,
-                    authz_port=listen,
-                    authz_workers=WORKERS,
-                    authz_mode=AuthzMode.HYBRID,
-                    inbound_port=0,
-                    admin_port=0,
-                ),
-                SERVER_UID,
+        for i, worker in enumerate(workers):
+            wait_until(lambda w=worker: httpx.get(f"{w}/ready", timeout=2).is_success)
+            assert f"  {f'authz {i}':<15} 127.0.0.1:{listen + i}" in up.stdout, up.stdout
+        register(up, SERVER_ID, SERVER_UID, ttl="1h")
+        register(up, CLIENT_ID, CLIENT_UID, ttl="1h")
+        socket = up.data_dir / "agent.sock"
+        inbound = start_envoy(
+            root,
+            "reviews",
+            sidecar_bootstrap(
+                workload="reviews",
+                namespace="default",
+                labels={"app": "reviews"},
+                service="reviews",
+                agent_socket=socket,
+                app_port=app.port,
+                authz_port=listen,
+                authz_workers=WORKERS,
+                authz_mode=AuthzMode.HYBRID,
+                inbound_port=0,
+                admin_port=0,
+            ),
+            SERVER_UID,
+        )
+        envoys.append(inbound)
+        wait_until(inbound.ready, inbound)
+        client = start_envoy(
+            root,
+            "client",
+            client_bootstrap(
+                node_id="client",
+                agent_socket=socket,
+                upstream_port=inbound.port("inbound"),
+                server_id=SERVER_ID,
+            ),
+            CLIENT_UID,
+        )
+        envoys.append(client)
+        wait_until(client.ready, client)
+        url = f"http://127.0.0.1:{client.port('outbound')}"
+
+        for n in range(REQUESTS):
+            # Rego decides (ext_authz, on either worker) ...
+            custom = httpx.get(f"{url}/custom/{n}", headers={"x-rego": "yes"}, timeout=10)
+            assert custom.status_code == 200, custom.text
+            # ... and Envoy alone (recorded from its access log, by worker 0).
+            assert httpx.get(f"{url}/reviews/{n}", timeout=10).status_code == 200
+        assert httpx.delete(f"{url}/reviews/x", timeout=10).status_code == 403
+
+        def all_stored() -> bool:
+            return stored(up.data_dir, engine=ENVOY_RBAC) == REQUESTS + 1 and (
+                stored(up.data_dir, path_prefix="/custom/") == REQUESTS
             )
-            envoys.append(inbound)
-            wait_until(inbound.ready, inbound)
-            client = start_envoy(
-                root,
-                "client",
-                client_bootstrap(
-                    node_id="client",
-                    agent_socket=socket,
-                    upstream_port=inbound.port("inbound"),
-                    server_id=SERVER_ID,
-                ),
-                CLIENT_UID,
-            )
-            envoys.append(client)
-            wait_until(client.ready, client)
-            url = f"http://127.0.0.1:{client.port('outbound')}"
 
-            for n in range(REQUESTS):
-                # Rego decides (ext_authz, on either worker) ...
-                custom = httpx.get(f"{url}/custom/{n}", headers={"x-rego": "yes"}, timeout=10)
-                assert custom.status_code == 200, custom.text
-                # ... and Envoy alone (recorded from its access log, by worker 0).
-                assert httpx.get(f"{url}/reviews/{n}", timeout=10).status_code == 200
-            assert httpx.delete(f"{url}/reviews/x", timeout=10).status_code == 403
+        wait_until(all_stored, inbound)
+        checks = [metrics(w)["meshward_authz_decisions_total"] for w in workers]
+        # Round robin over both endpoints: each answered its share of the Checks.
+        assert all(checks), checks
+        assert sum(checks) == REQUESTS, checks
+        received = [metrics(w).get("meshward_access_log_entries_total", 0) for w in workers]
+        assert received[0] >= REQUESTS + 1, received
+        assert received[1] == 0, received
 
-            def all_stored() -> bool:
-                return stored(up.data_dir, engine=ENVOY_RBAC) == REQUESTS + 1 and (
-                    stored(up.data_dir, path_prefix="/custom/") == REQUESTS
-                )
+        # Envoy's counters reach the worker its entries reach: it reports, losing none.
+        def ledger() -> dict[str, Any]:
+            ready = httpx.get(f"{workers[0]}/ready", timeout=5).json()
+            return dict(ready["access_log"]["envoy"])
 
-            wait_until(all_stored, inbound)
-            written = [metrics(w)["meshward_audit_records_written_total"] for w in workers]
-            # Round robin over both endpoints: each answered its share of the Checks.
-            assert all(w > 0 for w in written), written
-            received = [metrics(w).get("meshward_access_log_entries_total", 0) for w in workers]
-            assert received[0] >= REQUESTS + 1, received
-            assert received[1] == 0, received
-
-            # Envoy's counters reach the worker its entries reach: it reports, losing none.
-            def ledger() -> dict[str, Any]:
-                ready = httpx.get(f"{workers[0]}/ready", timeout=5).json()
-                return dict(ready["access_log"]["envoy"])
-
-            wait_until(lambda: ledger()["envoys_reporting"] >= 1, inbound)
-            assert ledger()["losing"] == {}, ledger()
-            spools = sorted(p.name for p in (up.data_dir / "audit").iterdir() if "spool" in p.name)
-            assert spools == ["spool", "spool-1"], spools
-        finally:
-            for envoy in envoys:
-                envoy.process.terminate()
-            for envoy in envoys:
-                envoy.process.wait(10)
+        wait_until(lambda: ledger()["envoys_reporting"] >= 1, inbound)
+        assert ledger()["losing"] == {}, ledger()
+        spools = sorted(p.name for p in (up.data_dir / "audit").iterdir() if "spool" in p.name)
+        assert spools == ["spool", "spool-1"], spools
         up.terminate()
         deadline = time.monotonic() + 30
         while any(_answers(w) for w in workers) and time.monotonic() < deadline:
