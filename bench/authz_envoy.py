@@ -20,7 +20,8 @@ before the router). The first protects workload ``app=reviews, version=v1``:
   ``meshward envoy bootstrap`` configures it (fail closed, ``context_extensions``
   naming the workload),
 - ``ext_authz_2`` — the same, its cluster listing two ``meshward authz`` processes
-  (same policies, a data dir each) as two endpoints, taken in turn.
+  (same policies, a data dir each) as two endpoints, taken in turn: what
+  ``authz.workers: 2`` and ``envoy bootstrap --authz-workers 2`` set up.
 
 The second Envoy protects ``app=reviews, version=v2``, which also has a CUSTOM policy
 (provider ``rego``) on ``/api/rego/*``:
