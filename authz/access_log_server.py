@@ -15,6 +15,7 @@ never ends the stream: the next ones are still recorded.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter as Tally
 from collections.abc import AsyncIterator, Iterator
@@ -35,6 +36,7 @@ from authz.envoy_access_log import (
     tcp_entry,
 )
 from authz.errors import EntryError
+from authz.rbac_versions import ChainVersions
 
 __all__ = ["ACCESS_LOG_SERVICE", "OUTCOMES", "AccessLogServicer", "Receipts"]
 
@@ -53,10 +55,18 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
     """Records the decisions in the access-log streams of Envoys into ``sink``, and
     tells ``receipts`` how many entries each Envoy node delivered."""
 
-    def __init__(self, *, sink: AuditSink, receipts: Receipts, redaction: Redaction | None) -> None:
+    def __init__(
+        self,
+        *,
+        sink: AuditSink,
+        receipts: Receipts,
+        redaction: Redaction | None,
+        versions: ChainVersions | None = None,
+    ) -> None:
         self._sink = sink
         self._receipts = receipts
         self._redaction = redaction  # None: records carry no request snapshot
+        self._http = functools.partial(http_entry, versions=versions)
         self.outcomes: Tally[str] = Tally(dict.fromkeys(OUTCOMES, 0))
         self.streams = 0
 
@@ -87,7 +97,7 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
         """Record the entries of one message; whether a malformed one was logged yet."""
         redaction = self._redaction
         entries: list[tuple[Any, Any]] = [
-            *((e, http_entry) for e in message.http_logs.log_entry),
+            *((e, self._http) for e in message.http_logs.log_entry),
             *((e, tcp_entry) for e in message.tcp_logs.log_entry),
         ]
         self._receipts.received(workload.node_id, len(entries))

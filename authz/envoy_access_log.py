@@ -79,7 +79,7 @@ from audit.redaction import Redaction
 from authz.audit_record import request_snapshot, workload_name
 from authz.check_request import JWT_AUTHN_FILTER, build_view
 from authz.errors import AuthzError, EntryError
-from authz.rbac_chain import CUSTOM_UNAVAILABLE_POLICY
+from authz.rbac_chain import CHAIN_METADATA, CUSTOM_UNAVAILABLE_POLICY
 from authz.rbac_translation import (
     CUSTOM_POLICY_PREFIX,
     DRY_RUN_ALLOW_PREFIX,
@@ -87,6 +87,7 @@ from authz.rbac_translation import (
     EXT_AUTHZ_SHADOW_PREFIX,
     parse_policy_name,
 )
+from authz.rbac_versions import ChainVersions
 from authz.replay import logged_headers_marker
 from authz.request_view import RequestView
 
@@ -218,9 +219,11 @@ def http_entry(
     entry: accesslog_pb2.HTTPAccessLogEntry,
     workload: NodeWorkload,
     redaction: Redaction | None,
+    versions: ChainVersions | None = None,
 ) -> Recorded | Skipped:
     """The record of one HTTP request, or why there is none; ``EntryError`` for an entry
-    a configured Envoy does not send. ``redaction`` None: no request snapshot."""
+    a configured Envoy does not send. ``redaction`` None: no request snapshot.
+    ``versions`` tells the policy-set version of the chain that decided, by its digest."""
     common = entry.common_properties
     metadata = common.metadata.filter_metadata
     if any(name in metadata for name in _EXT_AUTHZ_METADATA):
@@ -260,6 +263,9 @@ def http_entry(
     else:
         return Skipped(SKIP_UNDECIDED)
     version = passed.get("policy_set_version")
+    digest = _plain(metadata, CHAIN_METADATA).get("digest") if CHAIN_METADATA in metadata else None
+    if version is None and versions is not None and isinstance(digest, str):
+        version = versions.version(workload.namespace, workload.labels, workload.service, digest)
     check = _check_request(entry.common_properties, workload)
     _http_attributes(check, entry, metadata)
     return _recorded(

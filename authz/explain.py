@@ -30,7 +30,7 @@ from authz.decision_trace import istio_summary, istio_trace, rego_trace
 from authz.errors import AuthzError
 from authz.policy_store import ServedPolicies
 from authz.rego_provider import RegoSettings
-from authz.replay import Decider, dependencies
+from authz.replay import UNLOGGED_HEADERS, Decider, dependencies
 
 __all__ = ["explain"]
 
@@ -63,16 +63,28 @@ def explain(
         "notes": [],
     }
     notes: list[str] = out["notes"]
-    if record.get("redacted"):
+    redacted = [r for r in record.get("redacted") or () if not r.startswith(UNLOGGED_HEADERS)]
+    logged = [r for r in record.get("redacted") or () if r.startswith(UNLOGGED_HEADERS)]
+    if redacted:
         notes.append(
-            "not kept in the trail, and so evaluated as their redacted hash: "
-            + ", ".join(record["redacted"])
+            "not kept in the trail, and so evaluated as their redacted hash: " + ", ".join(redacted)
+        )
+    for marker in logged:
+        carried = marker.removeprefix(UNLOGGED_HEADERS).removeprefix(":")
+        notes.append(
+            "Envoy decided this request and its access log carried only these headers: "
+            + (carried.replace(",", ", ") or "none")
+            + "; a policy reading another header cannot be evaluated again"
         )
     if served is None:
         notes.append(
-            "the policy set that made this decision is not in the audit trail (recorded "
-            "before it kept policy sets, or too large to keep): only the record is shown"
+            "this decision names no policy set: Envoy's RBAC filters decided it with a chain "
+            "that no policy set authz served made (the Envoy was not updated yet)"
+            if record.get("policy_set_version") is None and record.get("engine") == "envoy-rbac"
+            else "the policy set that made this decision is not in the audit trail (recorded "
+            "before it kept policy sets, or too large to keep)"
         )
+        notes[-1] += ": only the record is shown"
         return out
     if not blob:
         notes.append("no request snapshot was stored with this decision: only the record is shown")

@@ -13,7 +13,14 @@ resource, ``meshward.rbac.http`` (none of about 11000 answers over 300 flips was
     ExtensionWithMatcher                      (the match_delegate filter)
       extension_config: composite             (envoy.filters.http.composite)
       xds_matcher: on_no_match (always) → ExecuteFilterAction.filter_chain
-                                             [custom, audit, deny, allow]
+                                             [digest, custom, audit, deny, allow]
+
+The first filter writes the chain's digest into the request's dynamic metadata
+(``meshward.rbac.chain``), so the access log of every request the chain decided names
+the chain that decided it: authz, which loads the same policy sets, tells from it which
+policy-set version that chain was made from (``authz.rbac_versions``). Only a change of
+the filters changes it, so a policy change still reaches only the sidecars whose
+decisions it changes.
 
 For every request the composite filter instantiates the four RBAC filters from the one
 config it holds, so a request sees one version of all four or another. Checked with
@@ -54,7 +61,8 @@ from typing import Any
 
 # Imported for their descriptors: parsing the chain's Any resolves these types.
 import envoy.extensions.common.matching.v3.extension_matcher_pb2
-import envoy.extensions.filters.http.composite.v3.composite_pb2  # noqa: F401
+import envoy.extensions.filters.http.composite.v3.composite_pb2
+import envoy.extensions.filters.http.set_metadata.v3.set_metadata_pb2  # noqa: F401
 from google.protobuf import any_pb2, json_format
 
 from authz.rbac_translation import (
@@ -65,6 +73,7 @@ from authz.rbac_translation import (
 )
 
 __all__ = [
+    "CHAIN_METADATA",
     "CUSTOM_UNAVAILABLE_FILTER",
     "CUSTOM_UNAVAILABLE_POLICY",
     "EXTENSION_WITH_MATCHER",
@@ -82,6 +91,8 @@ EXTENSION_WITH_MATCHER = (
 )
 _COMPOSITE = "type.googleapis.com/envoy.extensions.filters.http.composite.v3.Composite"
 _EXECUTE = "type.googleapis.com/envoy.extensions.filters.http.composite.v3.ExecuteFilterAction"
+_SET_METADATA = "type.googleapis.com/envoy.extensions.filters.http.set_metadata.v3.Config"
+CHAIN_METADATA = "meshward.rbac.chain"  # {"digest": RbacChain.digest}, for the access log
 CUSTOM_UNAVAILABLE_FILTER = "meshward.rbac.http.custom_unavailable"
 # The name a native-mode denial of a CUSTOM-selected request carries in its details.
 CUSTOM_UNAVAILABLE_POLICY = "meshward-custom-provider-unavailable-in-native-mode"
@@ -89,7 +100,8 @@ CUSTOM_UNAVAILABLE_POLICY = "meshward-custom-provider-unavailable-in-native-mode
 
 @dataclass(slots=True, frozen=True)
 class RbacChain:
-    """The chain as one ``TypedExtensionConfig``; ``digest`` changes with any filter."""
+    """The chain as one ``TypedExtensionConfig``; ``digest`` (of its RBAC filters)
+    changes with any filter, and with nothing else."""
 
     workload: WorkloadRbac
     canonical: str  # canonical JSON of as_config(): sorted keys, no spaces
@@ -103,7 +115,11 @@ class RbacChain:
 
 def http_chain(rbac: WorkloadRbac) -> RbacChain:
     """The HTTP filters of ``rbac`` in their order, as the one resource ``meshward.rbac.http``."""
-    chain = [f.as_config() for f in rbac.http]
+    filters = [f.as_config() for f in rbac.http]
+    digest = hashlib.sha256(
+        json.dumps(filters, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+    chain = [_digest_filter(digest), *filters]
     config = {
         "name": HTTP_CHAIN,
         "typed_config": {
@@ -128,9 +144,17 @@ def http_chain(rbac: WorkloadRbac) -> RbacChain:
     }
     _check_proto(config)
     canonical = json.dumps(config, sort_keys=True, separators=(",", ":"))
-    return RbacChain(
-        workload=rbac, canonical=canonical, digest=hashlib.sha256(canonical.encode()).hexdigest()
-    )
+    return RbacChain(workload=rbac, canonical=canonical, digest=digest)
+
+
+def _digest_filter(digest: str) -> JSON:
+    return {
+        "name": f"{HTTP_CHAIN}.digest",
+        "typed_config": {
+            "@type": _SET_METADATA,
+            "metadata": [{"metadata_namespace": CHAIN_METADATA, "value": {"digest": digest}}],
+        },
+    }
 
 
 def custom_unavailable_filter() -> JSON:

@@ -145,10 +145,12 @@ class _Candidates:
         else:
             base = self._config
             if base.trust_domain is not None or self._overrides:
-                what = f"policy set {version}" if version else "no policy-set version"
                 note = (
-                    f"the audit trail does not keep the settings of {what}: its decisions were "
-                    "replayed with this machine's config"
+                    f"the audit trail does not keep the settings of policy set {version}: its "
+                    "decisions were replayed with this machine's config"
+                    if version
+                    else "decisions that name no policy set (Envoy's RBAC filters decided them "
+                    "with a chain authz did not serve) were replayed with this machine's config"
                 )
         effective = with_settings(base, self._overrides)
         if effective.trust_domain is None:

@@ -35,6 +35,7 @@ from audit.redaction import Redaction
 from audit.sink import AuditSink
 from authz.client_identity import AllowedClients
 from authz.policy_store import PolicyStore, ServedPolicies
+from authz.rbac_versions import ChainVersions
 from authz.rego_provider import RegoSettings
 from authz.server import AuthorizationServicer
 from authz.workload_svid import SvidCredentials, WorkloadSvidWatcher
@@ -353,7 +354,11 @@ async def _serve(
         on_served=audit.policy_set_served,
     )
     telemetry = AuthzTelemetry(
-        config, sink=audit.writer, redaction=audit.redaction, registry=registry
+        config,
+        sink=audit.writer,
+        redaction=audit.redaction,
+        registry=registry,
+        versions=ChainVersions(lambda: store.current),
     )
     tls = config.authz.tls
     credentials: SvidCredentials | None = None

@@ -23,6 +23,7 @@ from audit.sink import AuditSink
 from authz.access_log_ledger import ENVOY_COUNTER_NAMES, SAVE_INTERVAL, AccessLogLedger
 from authz.access_log_server import ACCESS_LOG_SERVICE, AccessLogServicer
 from authz.envoy_metrics_service import MetricsServiceServicer
+from authz.rbac_versions import ChainVersions
 from meshward.config import Config
 
 __all__ = ["ACCESS_LOG_SERVICE", "AuthzTelemetry"]
@@ -38,12 +39,15 @@ class AuthzTelemetry:
         sink: AuditSink,
         redaction: Redaction | None,
         registry: CollectorRegistry,
+        versions: ChainVersions | None = None,
     ) -> None:
         worker = config.authz.worker
         # Sidecars send to worker 0 only; the others' ledgers stay empty, never shared.
         name = f"access-log-ledger-{worker}.json" if worker else "access-log-ledger.json"
         self.ledger = AccessLogLedger(config.data_dir / "audit" / name)
-        self.access_log = AccessLogServicer(sink=sink, receipts=self.ledger, redaction=redaction)
+        self.access_log = AccessLogServicer(
+            sink=sink, receipts=self.ledger, redaction=redaction, versions=versions
+        )
         self.metrics = MetricsServiceServicer(self.ledger, ENVOY_COUNTER_NAMES)
         registry.register(self.access_log.collector())
         registry.register(self.ledger.collector())

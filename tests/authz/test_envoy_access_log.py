@@ -33,7 +33,8 @@ from authz.errors import EntryError
 from authz.istio_engine import evaluate
 from authz.istio_loader import parse_documents
 from authz.policy_store import PolicyStore
-from authz.rbac_chain import CUSTOM_UNAVAILABLE_POLICY
+from authz.rbac_chain import CHAIN_METADATA, CUSTOM_UNAVAILABLE_POLICY
+from authz.rbac_versions import ChainVersions
 from authz.replay import (
     DENY_TO_ALLOW,
     UNLOGGED_HEADERS,
@@ -156,6 +157,54 @@ def test_allowed_by_an_allow_rule_names_it_with_the_request_and_workload() -> No
     assert check.attributes.context_extensions["namespace"] == "default"
     assert check.attributes.request.http.headers[":path"] == "/reviews/1?x=1"
     assert dict(check.attributes.metadata_context.filter_metadata["envoy.filters.http.jwt_authn"])
+
+
+class _Versions(ChainVersions):
+    def __init__(self, known: dict[str, str]) -> None:
+        self.known = known
+        self.asked: list[tuple[str | None, dict[str, str], str | None, str]] = []
+
+    def version(
+        self, namespace: str | None, labels: Mapping[str, str], service: str | None, digest: str
+    ) -> str | None:
+        self.asked.append((namespace, dict(labels), service, digest))
+        return self.known.get(digest)
+
+
+def test_the_chain_digest_gives_allowed_and_denied_records_their_policy_set_version() -> None:
+    versions = _Versions({"d1": "set-1"})
+    chain = {CHAIN_METADATA: {"digest": "d1"}}
+    allowed = {**PASSED, **chain, **rbac(meshward_deny_enforced_engine_result="allowed")}
+    denied = {
+        **chain,
+        **rbac(
+            meshward_deny_enforced_engine_result="denied",
+            meshward_deny_enforced_effective_policy_id=DENY_RULE,
+        ),
+    }
+    for metadata, code, details in (
+        (allowed, 200, "via_upstream"),
+        (denied, 403, f"rbac_access_denied_matched_policy[{DENY_RULE}]"),
+    ):
+        out = http_entry(
+            entry(metadata=metadata, code=code, details=details), WORKLOAD, None, versions
+        )
+        assert recorded(out).record.policy_set_version == "set-1"
+    assert versions.asked[0] == ("default", {"app": "reviews", "version": "v1"}, "reviews", "d1")
+    # A chain the served set would not make, or none named: no version, never a guess.
+    other = {**allowed, CHAIN_METADATA: {"digest": "d0"}}
+    assert (
+        recorded(
+            http_entry(entry(metadata=other), WORKLOAD, None, versions)
+        ).record.policy_set_version
+        is None
+    )
+    assert (
+        recorded(
+            http_entry(entry(metadata=PASSED), WORKLOAD, None, versions)
+        ).record.policy_set_version
+        is None
+    )
 
 
 def test_allowed_where_no_allow_policy_applies() -> None:

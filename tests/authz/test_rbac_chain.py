@@ -14,16 +14,20 @@ from envoy.config.core.v3 import extension_pb2
 from envoy.extensions.common.matching.v3 import extension_matcher_pb2
 from envoy.extensions.filters.http.composite.v3 import composite_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2
+from envoy.extensions.filters.http.set_metadata.v3 import set_metadata_pb2
 from google.protobuf import json_format
 
 from authz.istio_loader import parse_documents
+from authz.policy_store import ServedPolicies
 from authz.rbac_chain import (
+    CHAIN_METADATA,
     CUSTOM_UNAVAILABLE_POLICY,
     HTTP_CHAIN,
     custom_unavailable_filter,
     http_chain,
 )
 from authz.rbac_translation import Family, Workload, ext_authz_enabled_metadata, translate
+from authz.rbac_versions import ChainVersions
 
 API = Workload("default", {"app": "api"}, "api")
 
@@ -53,7 +57,14 @@ def test_the_chain_is_the_four_http_filters_behind_an_always_matching_composite(
     assert not matcher.xds_matcher.HasField("matcher_list")
     action = composite_pb2.ExecuteFilterAction()
     assert matcher.xds_matcher.on_no_match.action.typed_config.Unpack(action)
-    filters = list(action.filter_chain.typed_config)
+    digest, *filters = action.filter_chain.typed_config
+    # First the digest, into the metadata every access-log entry of the chain carries.
+    assert digest.name == "meshward.rbac.http.digest"
+    metadata = set_metadata_pb2.Config()
+    assert digest.typed_config.Unpack(metadata)
+    (entry,) = metadata.metadata
+    assert entry.metadata_namespace == CHAIN_METADATA
+    assert dict(entry.value) == {"digest": chain.digest}
     assert [f.name for f in filters] == [f.name for f in translated.http]
     assert [f.name for f in filters] == [
         "meshward.rbac.http.custom",
@@ -70,6 +81,26 @@ def test_the_chain_is_the_four_http_filters_behind_an_always_matching_composite(
 def test_the_digest_follows_the_content() -> None:
     assert http_chain(rbac("/admin")).digest == http_chain(rbac("/admin")).digest
     assert http_chain(rbac("/admin")).digest != http_chain(rbac("/root")).digest
+
+
+def test_the_served_set_names_the_chains_it_makes_and_no_other() -> None:
+    documents = {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny", "namespace": "default"},
+        "spec": {"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin"]}}]}]},
+    }
+    policies = parse_documents(yaml.safe_dump(documents), file="p.yaml", trust_domain="x.org")
+    served: list[ServedPolicies] = [ServedPolicies(policies, None, "v1")]
+    versions = ChainVersions(lambda: served[0])
+    current = http_chain(rbac("/admin")).digest
+    assert versions.version("default", {"app": "api"}, "api", current) == "v1"
+    # An Envoy still on the chain of an older set: not what v1 makes, so no version.
+    assert versions.version("default", {"app": "api"}, "api", http_chain(rbac("/x")).digest) is None
+    # A set that changes nothing for this workload makes the same chain: the newer version.
+    served[0] = ServedPolicies(policies, None, "v2")
+    assert versions.version("default", {"app": "api"}, "api", current) == "v2"
+    assert versions.version(None, {}, None, current) is None
 
 
 def test_the_native_guard_denies_what_a_custom_policy_selected() -> None:

@@ -406,6 +406,9 @@ def test_every_request_is_one_record_and_no_secret_is_stored(
     assert allowed["destination_workload"] == "reviews"
     assert allowed["audit_policy_ids"] == ["default.audit-reviews[rules[0]]"]
     assert allowed["dry_run_flips"] == []
+    # The chain names itself by its digest; authz serves the set that makes it.
+    served = authz.ready()["policy_set"]["version"]
+    assert allowed["policy_set_version"] == served
 
     with_token = records["/reviews/2"]
     assert with_token["request_principal"] == f"{ISSUER}/alice"
@@ -421,6 +424,7 @@ def test_every_request_is_one_record_and_no_secret_is_stored(
         403,
     )
     assert denied["policy_id"] == "default.deny-admin[rules[0]]"
+    assert denied["policy_set_version"] == served
     stranger = records["/reviews/3"]
     assert (stranger["allowed"], stranger["reason"], stranger["policy_id"]) == (
         False,
