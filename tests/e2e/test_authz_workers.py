@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from audit.store.database import AuditDatabase, sqlite_url
 from audit.store.queries import Filters, count
 from authz.envoy_access_log import ENGINE as ENVOY_RBAC
-from meshward.envoy_bootstrap import AuthzMode, client_bootstrap, sidecar_bootstrap
+from meshward.envoy_bootstrap import AuthzMode, sidecar_bootstrap
 from tests.e2e.echo_app import EchoApp
 from tests.e2e.envoys import (
     CLIENT_ID,
@@ -31,6 +31,7 @@ from tests.e2e.envoys import (
     SERVER_ID,
     SERVER_UID,
     Envoy,
+    start_client,
     start_envoy,
     wait_until,
 )
@@ -138,20 +139,7 @@ def test_up_runs_authz_workers_that_share_the_checks_and_one_audit_store(
         )
         envoys.append(inbound)
         wait_until(inbound.ready, inbound)
-        client = start_envoy(
-            root,
-            "client",
-            client_bootstrap(
-                node_id="client",
-                agent_socket=socket,
-                upstream_port=inbound.port("inbound"),
-                server_id=SERVER_ID,
-            ),
-            CLIENT_UID,
-        )
-        envoys.append(client)
-        wait_until(client.ready, client)
-        url = f"http://127.0.0.1:{client.port('outbound')}"
+        _, url = start_client(root, socket, inbound, envoys)
 
         for n in range(REQUESTS):
             # Rego decides (ext_authz, on either worker) ...
