@@ -25,6 +25,7 @@ import httpx
 
 from audit.errors import AuditError
 from audit.store.queries import FILTERS
+from audit.timespec import format_time, parse_time
 from meshward import lifeline
 from meshward.cli_options import (
     F,
@@ -58,6 +59,12 @@ def _filter_options(func: F) -> F:
         is_flag=True,
         help="Only decisions some dry-run policy would have changed.",
     )(func)
+
+
+# A decision is stored after it was made: Envoy's access log arrives in batches a second
+# or more later, and each authz worker ships its own spool. `tail` looks this far behind
+# the newest decision it showed, and shows each one once.
+_LATE_US = 5_000_000
 
 
 def _filter_params(values: dict[str, Any]) -> dict[str, str]:
@@ -281,29 +288,56 @@ def tail(
 ) -> None:
     """Follow new decisions as they are stored (from now, or --since), until Ctrl-C."""
     params = _filter_params(filters)
-    params.setdefault("since", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    now_us = time.time_ns() // 1000
+    floor = parse_time(params.pop("since", "0s"), now_us=now_us, field="since")
     config = config_from(config_path, data_dir=data_dir)
     shown = 0
     header = output != "json"
+    # Decision time → decision id of what was shown within _LATE_US of the newest one.
+    seen: dict[str, int] = {}
+    newest = floor
     with _Api(config, audit_url) as api:
-        cursor = None
         try:
             while count is None or shown < count:
-                page = api.get(
-                    "/v1/decisions", {**params, "order": "oldest", "limit": 500, "cursor": cursor}
-                )
-                cursor = page["next_cursor"]
-                for item in page["items"][: None if count is None else count - shown]:
+                fresh = [
+                    item
+                    for item in _decisions_since(api, params, max(floor, newest - _LATE_US))
+                    if item["decision_id"] not in seen
+                ]
+                for item in fresh[: None if count is None else count - shown]:
                     if output == "json":
                         click.echo(json.dumps(item, sort_keys=True))
                     else:
                         click.echo(_table([item], header=header))
                         header = False
                     shown += 1
-                if not page["items"]:
+                    seen[item["decision_id"]] = item["time_us"]
+                    newest = max(newest, item["time_us"])
+                seen = {k: t for k, t in seen.items() if t >= newest - _LATE_US}
+                if not fresh:
                     time.sleep(interval)
         except KeyboardInterrupt:
             return
+
+
+def _decisions_since(api: _Api, params: dict[str, str], since_us: int) -> Iterator[dict[str, Any]]:
+    """Every stored decision from ``since_us`` on, the oldest first."""
+    cursor = None
+    while True:
+        page = api.get(
+            "/v1/decisions",
+            {
+                **params,
+                "since": format_time(since_us),
+                "order": "oldest",
+                "limit": 500,
+                "cursor": cursor,
+            },
+        )
+        yield from page["items"]
+        if len(page["items"]) < 500:
+            return
+        cursor = page["next_cursor"]
 
 
 @audit.command("explain")

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 from pathlib import Path
 
 from audit.record import DecisionRecord
@@ -17,7 +19,14 @@ from tests.audit.decided import (
 )
 from tests.audit.records import make_record
 from tests.e2e.audit_trail import AuditTrail
-from tests.e2e.processes import free_port, run_cli, running_audit
+from tests.e2e.processes import (
+    CLI_DEADLINE,
+    MESHWARD,
+    cli_env,
+    free_port,
+    run_cli,
+    running_audit,
+)
 
 POLICIES = Path(__file__).parents[2] / "policies"
 
@@ -123,3 +132,51 @@ def test_replay_uses_the_recorded_settings_and_explain_shows_rego(tmp_path: Path
         assert "evaluated again of the stored request: denied" in text, text
         assert "not comparable (see the note)" in text, text
         assert "a Rego module reads header authorization, which is not stored" in text, text
+
+
+def test_tail_shows_a_decision_stored_after_a_newer_one(tmp_path: Path) -> None:
+    # Envoy's access log reaches the trail a second or more after the request, so a
+    # decision can be stored after newer ones that tail has shown already.
+    data = tmp_path / "data"
+    now = time.time_ns() // 1000
+
+    def store(n: int, time_us: int) -> str:
+        writer = SpoolWriter(data / "audit" / "spool")
+        record = make_record(n, time_us=time_us)
+        writer.submit(record)
+        writer.close()
+        run_cli("audit", "ship", "--once", "--data-dir", data).ok()
+        return record.decision_id
+
+    first = store(1, now)
+    with (
+        running_audit(data, tmp_path / "audit.log") as audit,
+        subprocess.Popen(
+            [
+                str(MESHWARD),
+                "audit",
+                "tail",
+                "--since",
+                "1m",
+                "--count",
+                "2",
+                "--output",
+                "json",
+                "--interval",
+                "0.1",
+                "--audit-url",
+                audit.url,
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=cli_env(),
+        ) as tail,
+    ):
+        assert tail.stdout is not None
+        try:
+            assert json.loads(tail.stdout.readline())["decision_id"] == first
+            late = store(2, now - 2_000_000)  # decided before the first, stored after it
+            rest, _ = tail.communicate(timeout=CLI_DEADLINE)  # it stops after --count 2
+        finally:
+            tail.kill()
+        assert [json.loads(line)["decision_id"] for line in rest.splitlines()] == [late]
