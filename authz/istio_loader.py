@@ -200,6 +200,7 @@ class _Compiler:
         self._issues = issues
         self._file = ""
         self._doc = 0
+        self._namespace = "default"  # of the policy being compiled
 
     # -- plumbing ---------------------------------------------------------------
 
@@ -350,6 +351,7 @@ class _Compiler:
                 "dry-run is not supported for CUSTOM policies; remove the annotation",
             )
 
+        self._namespace = namespace
         match_labels = self._selector(spec.get("selector"))
         target_services = self._target_refs(spec, namespace)
         if match_labels is not None and target_services is not None:
@@ -564,7 +566,7 @@ class _Compiler:
                 "principals": (Attribute.SOURCE_PRINCIPAL, self._principal),
                 "requestPrincipals": (Attribute.REQUEST_PRINCIPAL, None),
                 "namespaces": (Attribute.SOURCE_NAMESPACE, None),
-                "serviceAccounts": (Attribute.SOURCE_SERVICE_ACCOUNT, self._service_account),
+                "serviceAccounts": (Attribute.SOURCE_SERVICE_ACCOUNT, self._own_service_account),
                 "trustDomains": (Attribute.SOURCE_TRUST_DOMAIN, self._trust_domain),
                 "ipBlocks": (Attribute.SOURCE_IP, _cidr),
                 "remoteIpBlocks": (Attribute.REMOTE_IP, _cidr),
@@ -682,6 +684,17 @@ class _Compiler:
     def _trust_domain(self, value: str) -> tuple[Matcher, ...]:
         return self._with_domains(value, lambda v: (v, ""))
 
+    def _own_service_account(self, value: str) -> tuple[Matcher, ...]:
+        # Istio's API: "<serviceaccount> may also be used to use the same namespace as the
+        # AuthorizationPolicy" (the serviceAccounts field; the when key stays qualified).
+        if "/" not in value and value and "*" not in value:
+            if len(value) > _MAX_SERVICE_ACCOUNT_LENGTH:
+                raise ValueError(
+                    f"is {len(value)} characters; at most {_MAX_SERVICE_ACCOUNT_LENGTH}"
+                )
+            return (StringMatch(MatchKind.EXACT, f"{self._namespace}/{value}"),)
+        return self._service_account(value)
+
     @staticmethod
     def _service_account(value: str) -> tuple[Matcher, ...]:
         if len(value) > _MAX_SERVICE_ACCOUNT_LENGTH:
@@ -689,7 +702,9 @@ class _Compiler:
         parts = value.split("/")
         if len(parts) != 2 or not all(parts) or "*" in value:
             raise ValueError(
-                f"{value!r} must be <namespace>/<service account>, e.g. default/web (no wildcards)"
+                f"{value!r} must be <namespace>/<service account> or, in serviceAccounts, "
+                "<service account> of the policy's namespace, e.g. default/web or web (no "
+                "wildcards)"
             )
         return (StringMatch(MatchKind.EXACT, value),)
 

@@ -477,7 +477,7 @@ ERROR_CASES: list[tuple[str, str, str, str]] = [
     ),
     (
         "serviceAccounts form",
-        spec_doc(source(serviceAccounts=["web"])),
+        spec_doc(source(serviceAccounts=["default/web/x"])),
         "spec.rules[0].from[0].source.serviceAccounts[0]",
         "must be <namespace>/<service account>",
     ),

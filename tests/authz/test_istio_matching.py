@@ -111,6 +111,15 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], bool]] = [
     ),
     ("serviceAccounts miss", src(serviceAccounts=["prod/web"]), {}, False),
     ("notServiceAccounts", src(notServiceAccounts=["default/web"]), {}, False),
+    # <serviceaccount> alone: the policy's own namespace (Istio's API), default here
+    ("serviceAccounts, own namespace", src(serviceAccounts=["web"]), {}, True),
+    (
+        "serviceAccounts, own namespace only",
+        src(serviceAccounts=["web"]),
+        {"source_principal": "example.org/ns/prod/sa/web"},
+        False,
+    ),
+    ("notServiceAccounts, own namespace", src(notServiceAccounts=["web"]), {}, False),
     # --- trustDomains
     ("trustDomains", src(trustDomains=["example.org"]), {}, True),
     ("trustDomains miss", src(trustDomains=["other.org"]), {}, False),

@@ -323,7 +323,8 @@ class _Grammar:
             "principals": PRINCIPALS,
             "requestPrincipals": REQUEST_PRINCIPALS,
             "namespaces": NAMESPACES,
-            "serviceAccounts": SERVICE_ACCOUNTS,
+            # <serviceaccount> alone (the policy's namespace) is for the field only.
+            "serviceAccounts": (*SERVICE_ACCOUNTS, "web"),
             "trustDomains": TRUST_DOMAINS,
             "ipBlocks": IP_BLOCKS,
             "remoteIpBlocks": IP_BLOCKS,
