@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from authz.errors import PolicyIssue
+from authz.istio_loader import CLUSTER_LOCAL
 from authz.istio_policy import (
     Action,
     Attribute,
@@ -59,8 +60,6 @@ _HTTP_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 )
 _SPIFFE_SCHEME = "spiffe://"
-# Istio reads this trust domain as "the local one"; meshward's loader does not.
-_ISTIO_DEFAULT_DOMAIN = "cluster.local"
 _MESH = "every workload in the mesh"
 _PATH_TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
@@ -239,7 +238,11 @@ def _value_problem(clause: Clause, value: str, domains: tuple[str, ...]) -> str 
         if a is Attribute.SOURCE_PRINCIPAL and value.startswith(_SPIFFE_SCHEME):
             reason = f"principal {value!r} starts with 'spiffe://', which principals never do"
             fix = f"write {value[len(_SPIFFE_SCHEME) :]!r}"
-        elif domain is not None and domain not in domains:
+        elif (
+            domain is not None
+            and domain not in domains
+            and not (a is Attribute.SOURCE_PRINCIPAL and domain == CLUSTER_LOCAL)
+        ):
             named = (
                 f"principal {value!r} is in trust domain {domain!r}, which is"
                 if a is Attribute.SOURCE_PRINCIPAL
@@ -249,10 +252,8 @@ def _value_problem(clause: Clause, value: str, domains: tuple[str, ...]) -> str 
                 f"{named} neither the trust domain {domains[0]!r} nor one of "
                 "authz.trust_domain_aliases"
             )
-            if domain == _ISTIO_DEFAULT_DOMAIN:
-                reason += (
-                    " (Istio reads cluster.local as the local trust domain; meshward does not)"
-                )
+            if domain == CLUSTER_LOCAL:
+                reason += " (cluster.local names the local trust domain in principals only)"
             fix = "correct the trust domain or add it to authz.trust_domain_aliases"
     elif a is Attribute.PATH:
         if not value.startswith(("/", "*")):

@@ -102,6 +102,8 @@ _CONDITION_KEYS = ("key", "values", "notValues")
 
 # Compiles one policy value; a value may stand for several matchers (trust-domain aliases).
 _IDENTITY_FIELDS = ("principals", "notPrincipals", "namespaces", "notNamespaces")
+# The trust domain Istio's principals use to mean "this mesh's" (and its aliases).
+CLUSTER_LOCAL = "cluster.local"
 _MAX_SERVICE_ACCOUNTS = 16
 _MAX_SERVICE_ACCOUNT_LENGTH = 320
 
@@ -677,7 +679,8 @@ class _Compiler:
     def _principal(self, value: str) -> tuple[Matcher, ...]:
         def split(v: str) -> tuple[str, str]:
             domain, sep, rest = v.partition("/")
-            return domain, sep + rest
+            # As istiod does: a principal in cluster.local names the local trust domain.
+            return (self._domains[0] if domain == CLUSTER_LOCAL else domain), sep + rest
 
         return self._with_domains(value, split)
 

@@ -184,14 +184,19 @@ WARNING_CASES: list[tuple[str, list[dict[str, Any]], list[tuple[int, str, str]]]
         ],
     ),
     (
-        "cluster.local principal says Istio differs",
+        "a cluster.local principal is the local trust domain, as in Istio",
         [policy(rules=source(notPrincipals=["cluster.local/ns/a/sa/b"]))],
+        [],
+    ),
+    (
+        "a cluster.local trust domain is not",
+        [policy(rules=source(notTrustDomains=["cluster.local"]))],
         [
             (
                 0,
-                "spec.rules[0].from[0].source.notPrincipals[0]",
-                "(Istio reads cluster.local as the local trust domain; meshward does not), so it "
-                "never matches and excludes nothing",
+                "spec.rules[0].from[0].source.notTrustDomains[0]",
+                "(cluster.local names the local trust domain in principals only), so it never "
+                "matches and excludes nothing",
             )
         ],
     ),

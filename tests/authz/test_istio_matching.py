@@ -83,6 +83,26 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], bool]] = [
     ("principal prefix", src(principals=["example.org/ns/default/*"]), {}, True),
     ("principal suffix", src(principals=["*/sa/web"]), {}, True),
     ("principal suffix miss", src(principals=["*/sa/db"]), {}, False),
+    # cluster.local stands for the local trust domain (and its aliases), as in istiod
+    ("principal in cluster.local", src(principals=["cluster.local/ns/default/sa/web"]), {}, True),
+    (
+        "principal prefix in cluster.local",
+        src(principals=["cluster.local/ns/default/*"]),
+        {},
+        True,
+    ),
+    (
+        "principal in cluster.local, a foreign peer",
+        src(principals=["cluster.local/ns/default/sa/web"]),
+        {"source_principal": "other.org/ns/default/sa/web"},
+        False,
+    ),
+    (
+        "notPrincipals in cluster.local",
+        src(notPrincipals=["cluster.local/ns/default/sa/web"]),
+        {},
+        False,
+    ),
     ("principal presence", src(principals=["*"]), {}, True),
     ("principal presence without mTLS", src(principals=["*"]), {"source_principal": None}, False),
     ("principal values ORed", src(principals=["x/ns/a/sa/b", WEB]), {}, True),
