@@ -123,11 +123,11 @@ ADMIN_REQUESTS = [
 
 
 # A policy set whose decisions depend on the authz settings it is served with: its ALLOW
-# names the frontend in the trust domain alias cluster.local, and its Rego, which runs on
+# names the frontend in the trust domain alias old.example.org, and its Rego, which runs on
 # every request only in mode "always", denies deletes. Served with SETTINGS_FLAGS, the
 # frontend's reads are allowed (3) and the ops tool's deletes denied by Rego (2); with
 # the defaults, each of them the other way.
-SETTINGS_FLAGS = {"authz.trust_domain_aliases": ["cluster.local"], "authz.rego.mode": "always"}
+SETTINGS_FLAGS = {"authz.trust_domain_aliases": ["old.example.org"], "authz.rego.mode": "always"}
 _SETTINGS_ISTIO = """\
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -136,7 +136,7 @@ spec:
   selector: {matchLabels: {app: api}}
   action: ALLOW
   rules:
-  - from: [{source: {principals: ["cluster.local/ns/default/sa/frontend"]}}]
+  - from: [{source: {principals: ["old.example.org/ns/default/sa/frontend"]}}]
   - from: [{source: {namespaces: ["ops"]}}]
 """
 _SETTINGS_REGO = """\

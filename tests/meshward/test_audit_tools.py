@@ -260,7 +260,7 @@ def test_the_api_returns_a_policy_sets_settings(settings: Store, settings_api: T
     assert body["version"] == version
     assert sorted(body["files"]) == ["istio/api.yaml", "rego/envoy/authz/policy.rego"]
     assert body["settings"]["trust_domain"] == "example.org"
-    assert body["settings"]["trust_domain_aliases"] == ["cluster.local"]
+    assert body["settings"]["trust_domain_aliases"] == ["old.example.org"]
     assert body["settings"]["rego"]["mode"] == "always"
     assert settings_api.get("/v1/policy-sets/0000000000000000").status_code == 404
 
