@@ -83,14 +83,14 @@ def start_envoy(root: Path, name: str, bootstrap: dict[str, Any], uid: int) -> E
 
 
 def start_client(
-    root: Path, agent_socket: Path, inbound: Envoy, envoys: list[Envoy]
+    root: Path, agent_socket: Path, inbound: Envoy, envoys: list[Envoy], name: str = "client"
 ) -> tuple[Envoy, str]:
     """The client sidecar (mTLS to ``inbound``, requiring the server's ID), and its URL."""
     outbound = start_envoy(
         root,
-        "client",
+        name,
         client_bootstrap(
-            node_id="client",
+            node_id=name,
             agent_socket=agent_socket,
             upstream_port=inbound.port("inbound"),
             server_id=SERVER_ID,

@@ -50,6 +50,7 @@ __all__ = [
     "by_connection",
     "check_request",
     "connect",
+    "filter_chains",
     "read_access_log",
     "reserve_ports",
 ]
@@ -199,7 +200,8 @@ def _cluster(name: str, port: int, *, http2: bool = False) -> dict[str, Any]:
     return cluster
 
 
-def _chains(filters: list[dict[str, Any]], certs: ClientCerts) -> list[dict[str, Any]]:
+def filter_chains(filters: list[dict[str, Any]], certs: ClientCerts) -> list[dict[str, Any]]:
+    """TLS with the server's certificate (client certificates optional), and plaintext."""
     tls = {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
@@ -320,7 +322,7 @@ def _http_listener(
                 "typed_config": {"@type": _TLS_INSPECTOR},
             }
         ],
-        "filter_chains": _chains(filters, certs),
+        "filter_chains": filter_chains(filters, certs),
     }
 
 
@@ -344,7 +346,7 @@ def _tcp_listener(listener: Listener, certs: ClientCerts, log: Path) -> dict[str
                 "typed_config": {"@type": _TLS_INSPECTOR},
             }
         ],
-        "filter_chains": _chains(filters, certs),
+        "filter_chains": filter_chains(filters, certs),
     }
 
 

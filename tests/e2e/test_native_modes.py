@@ -35,7 +35,7 @@ import httpx
 import pytest
 
 from authz.rbac_chain import CUSTOM_UNAVAILABLE_POLICY, HTTP_CHAIN
-from meshward.envoy_bootstrap import AuthzMode, client_bootstrap, sidecar_bootstrap
+from meshward.envoy_bootstrap import AuthzMode, sidecar_bootstrap
 from tests.e2e.echo_app import Echo, EchoApp
 from tests.e2e.envoys import (
     CLIENT_ID,
@@ -44,6 +44,7 @@ from tests.e2e.envoys import (
     SERVER_ID,
     SERVER_UID,
     Envoy,
+    start_client,
     start_envoy,
     wait_until,
 )
@@ -239,20 +240,8 @@ def _sidecar(
     )
     started.append(inbound)
     wait_until(inbound.ready, inbound)
-    client = start_envoy(
-        root,
-        f"client-{name}",
-        client_bootstrap(
-            node_id=f"client-{name}",
-            agent_socket=socket,
-            upstream_port=inbound.port("inbound"),
-            server_id=SERVER_ID,
-        ),
-        CLIENT_UID,
-    )
-    started.append(client)
-    wait_until(client.ready, client)
-    return Sidecar(mode, f"http://127.0.0.1:{client.port('outbound')}", inbound, access_log)
+    _, url = start_client(root, socket, inbound, started, f"client-{name}")
+    return Sidecar(mode, url, inbound, access_log)
 
 
 def _unique(prefix: str) -> str:

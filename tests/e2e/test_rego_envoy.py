@@ -41,7 +41,7 @@ import httpx
 import jwt
 import pytest
 
-from meshward.envoy_bootstrap import client_bootstrap, sidecar_bootstrap
+from meshward.envoy_bootstrap import sidecar_bootstrap
 from tests.e2e.echo_app import Echo, EchoApp
 from tests.e2e.envoys import (
     CLIENT_ID,
@@ -50,6 +50,7 @@ from tests.e2e.envoys import (
     SERVER_ID,
     SERVER_UID,
     Envoy,
+    start_client,
     start_envoy,
     wait_until,
 )
@@ -345,22 +346,8 @@ def start_sidecars(
     )
     started.append(inbound)
     wait_until(inbound.ready, inbound)
-    outbound = start_envoy(
-        root,
-        f"client-{name}",
-        client_bootstrap(
-            node_id=f"client-{name}",
-            agent_socket=agent_socket,
-            upstream_port=inbound.port("inbound"),
-            server_id=SERVER_ID,
-        ),
-        CLIENT_UID,
-    )
-    started.append(outbound)
-    wait_until(outbound.ready, outbound)
-    return Sidecars(
-        name, f"http://127.0.0.1:{outbound.port('outbound')}", authz, (inbound, outbound)
-    )
+    outbound, url = start_client(root, agent_socket, inbound, started, f"client-{name}")
+    return Sidecars(name, url, authz, (inbound, outbound))
 
 
 def stop(envoys: list[Envoy]) -> None:

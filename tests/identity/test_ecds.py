@@ -8,7 +8,6 @@ the next thing the stream receives is the answer to a later event that must push
 from __future__ import annotations
 
 import logging
-import queue
 import shutil
 import tempfile
 import time
@@ -27,6 +26,7 @@ from identity.ecds import EXTENSION_CONFIG_TYPE_URL, EXTENSION_CONFIGS, extensio
 from identity.errors import InvalidInputError
 from identity.extension_configs import EnvoyWorkload, envoy_workload
 from tests.identity.ecds_server import DEADLINE, EcdsServer
+from tests.identity.xds_call import XdsCall
 
 CHAIN = "meshward.rbac.http"
 
@@ -108,24 +108,12 @@ def delta(
     return req
 
 
-class Call:
-    """A client stream: requests go in through a queue, responses come out one by one."""
-
+class Call(XdsCall):
     def __init__(self, channel: grpc.Channel, method: str = "StreamExtensionConfigs") -> None:
-        stub = config_discovery_pb2_grpc.ExtensionConfigDiscoveryServiceStub(channel)
-        self._requests: queue.Queue[Any] = queue.Queue()
-        self._responses = getattr(stub, method)(iter(self._requests.get, None), timeout=DEADLINE)
-
-    def send(self, request: Any) -> Call:
-        self._requests.put(request)
-        return self
-
-    def recv(self) -> Any:
-        return next(self._responses)
-
-    def close(self) -> None:
-        self._requests.put(None)
-        self._responses.cancel()
+        super().__init__(
+            getattr(config_discovery_pb2_grpc.ExtensionConfigDiscoveryServiceStub(channel), method),
+            timeout=DEADLINE,
+        )
 
 
 @pytest.fixture

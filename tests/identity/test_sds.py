@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import queue
 import shutil
 import tempfile
 import threading
@@ -46,6 +45,7 @@ from identity.workload_cache import WorkloadCache, WorkloadSvid
 from identity.xds import SECRET_TYPE_URL
 from tests.conftest import FakeClock
 from tests.identity.certs import issue_svid
+from tests.identity.xds_call import XdsCall
 
 WEB = "spiffe://example.org/ns/default/sa/web"
 DB = "spiffe://example.org/ns/default/sa/db"
@@ -146,24 +146,11 @@ class Agent:
         self.loop.close()
 
 
-class Call:
-    """A client stream: requests go in through a queue, responses come out one by one."""
-
+class Call(XdsCall):
     def __init__(self, channel: grpc.Channel, method: str = "StreamSecrets") -> None:
-        stub = sds_pb2_grpc.SecretDiscoveryServiceStub(channel)
-        self._requests: queue.Queue[Any] = queue.Queue()
-        self._responses = getattr(stub, method)(iter(self._requests.get, None), timeout=DEADLINE)
-
-    def send(self, request: Any) -> Call:
-        self._requests.put(request)
-        return self
-
-    def recv(self) -> Any:
-        return next(self._responses)
-
-    def close(self) -> None:
-        self._requests.put(None)
-        self._responses.cancel()
+        super().__init__(
+            getattr(sds_pb2_grpc.SecretDiscoveryServiceStub(channel), method), timeout=DEADLINE
+        )
 
 
 @pytest.fixture
