@@ -263,9 +263,13 @@ def http_entry(
     else:
         return Skipped(SKIP_UNDECIDED)
     version = passed.get("policy_set_version")
-    digest = _plain(metadata, CHAIN_METADATA).get("digest") if CHAIN_METADATA in metadata else None
-    if version is None and versions is not None and isinstance(digest, str):
-        version = versions.version(workload.namespace, workload.labels, workload.service, digest)
+    if version is None and versions is not None and CHAIN_METADATA in metadata:
+        # One field read, not a conversion of the Struct: this runs for every entry.
+        digest = metadata[CHAIN_METADATA].fields.get("digest")
+        if digest is not None and digest.string_value:
+            version = versions.version(
+                workload.namespace, workload.labels, workload.service, digest.string_value
+            )
     check = _check_request(entry.common_properties, workload)
     _http_attributes(check, entry, metadata)
     return _recorded(
