@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from meshward.config import Config
 
-__all__ = ["worker_configs", "worker_listen"]
+__all__ = ["worker_configs"]
 
 
-def worker_listen(listen: str, worker: int) -> str:
+def _shifted(listen: str, worker: int) -> str:
     """``host:port`` moved ``worker`` ports on; "" (off) stays off."""
     if not listen or not worker:
         return listen
@@ -35,8 +35,8 @@ def worker_configs(config: Config) -> list[Config]:
                     "authz": authz.model_copy(
                         update={
                             "worker": worker,
-                            "listen": worker_listen(authz.listen, worker),
-                            "health_listen": worker_listen(authz.health_listen, worker),
+                            "listen": _shifted(authz.listen, worker),
+                            "health_listen": _shifted(authz.health_listen, worker),
                         }
                     ),
                     "audit": config.audit.model_copy(

@@ -1,11 +1,11 @@
 """What ``meshward up`` adds to the server: authz as a child process, and the listing.
 
 Server, agent and the audit API share one process (the agent signs with the CA in
-memory). Authz runs as ``meshward authz`` in a child of its own (``authz.workers`` of them):
-every Check of the mesh goes through it, so it must not compete for a GIL with the CA
-and the audit API. The
-child is configured over its stdin lifeline (``meshward.lifeline``), so it never
-outlives ``up``; it drains its audit spool before it exits.
+memory). Authz runs as ``meshward authz`` in a child of its own (``authz.workers`` of
+them): every Check of the mesh goes through it, so it must not compete for a GIL with the
+CA and the audit API. The child is configured over its stdin lifeline
+(``meshward.lifeline``), so it never outlives ``up``; it drains its audit spool before
+it exits.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 from meshward import lifeline
-from meshward.authz_workers import worker_listen
+from meshward.authz_workers import worker_configs
 from meshward.config import Config, ConfigError
 
 __all__ = ["AuthzChild", "listing", "policies_dir"]
@@ -111,14 +111,16 @@ def listing(
             ),
         ]
     if policies is not None:
-        authz = config.authz
-        for worker in range(authz.workers):
-            name = f"authz {worker}" if authz.workers > 1 else "authz"
+        workers = worker_configs(config)
+        for worker in workers:
+            authz = worker.authz
+            several = len(workers) > 1
+            name = f"authz {authz.worker}" if several else "authz"
             lines += [
-                f"  {name:<15} {worker_listen(authz.listen, worker)}  (Envoy ext_authz gRPC"
-                + (", access logs" if authz.workers > 1 and not worker else "")
+                f"  {name:<15} {authz.listen}  (Envoy ext_authz gRPC"
+                + (", access logs" if several and not authz.worker else "")
                 + f"), policies {policies}",
-                f"  {name + ' health':<15} {_http(worker_listen(authz.health_listen, worker))}",
+                f"  {name + ' health':<15} {_http(authz.health_listen)}",
             ]
     if audit:
         lines.append(f"  audit           http://{config.audit.listen}/  (page, API at /docs)")
