@@ -313,13 +313,25 @@ class AuthzConfig(_Section):
                 f"workers: {self.workers} needs a TCP listen (host:port), where worker i "
                 f"listens on the port + i; listen is {self.listen!r}"
             )
-        if self.workers > 1 and self.listen:
-            port = int(self.listen.rpartition(":")[2])
+        for key, listen in (("listen", self.listen), ("health_listen", self.health_listen)):
+            if self.workers < 2 or not listen:
+                continue
+            port = int(listen.rpartition(":")[2])
             if port == 0 or port + self.workers - 1 > 65535:
                 raise ValueError(
-                    f"workers: {self.workers} listen on ports {port} to "
-                    f"{port + self.workers - 1}: give listen a fixed port at most "
+                    f"workers: {self.workers} use the {key} ports {port} to "
+                    f"{port + self.workers - 1}: give {key} a fixed port at most "
                     f"{65536 - self.workers}"
+                )
+        if self.workers > 1 and self.listen and self.health_listen:
+            first = int(self.listen.rpartition(":")[2])
+            health = int(self.health_listen.rpartition(":")[2])
+            if abs(first - health) < self.workers:
+                raise ValueError(
+                    f"workers: {self.workers} use the listen ports {first} to "
+                    f"{first + self.workers - 1} and the health_listen ports {health} to "
+                    f"{health + self.workers - 1}, which overlap; move health_listen, e.g. to "
+                    f"port {max(first, health) + self.workers}"
                 )
         if not 0 <= self.worker < self.workers:
             raise ValueError(f"worker {self.worker} is not one of the {self.workers} workers")

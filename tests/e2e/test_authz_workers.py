@@ -98,7 +98,9 @@ def test_up_runs_authz_workers_that_share_the_checks_and_one_audit_store(
     (policies / "istio" / "reviews.yaml").write_text(POLICIES)
     (policies / "rego").mkdir()
     (policies / "rego" / "custom.rego").write_text(REGO)
-    listen, health = free_ports(WORKERS), free_ports(WORKERS)
+    # One free run for both: the Check ports, then the health ports (they must not overlap).
+    listen = free_ports(2 * WORKERS)
+    health = listen + WORKERS
     workers = [f"http://127.0.0.1:{health + i}" for i in range(WORKERS)]
     with (
         EchoApp() as app,

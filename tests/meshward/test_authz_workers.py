@@ -25,8 +25,14 @@ def config(**env: str) -> Config:
         ({"workers": "2", "listen": "unix:///run/authz.sock"}, "needs a TCP listen"),
         ({"workers": "2", "listen": "/run/authz.sock"}, "needs a TCP listen"),
         ({"workers": "2", "listen": "127.0.0.1:0"}, "give listen a fixed port"),
-        ({"workers": "3", "listen": "127.0.0.1:65534"}, "ports 65534 to 65536"),
-        ({"workers": "2", "worker": "2"}, "worker 2 is not one of the 2 workers"),
+        ({"workers": "3", "listen": "127.0.0.1:65534"}, "listen ports 65534 to 65536"),
+        ({"workers": "2", "health_listen": "127.0.0.1:0"}, "give health_listen a fixed port"),
+        # The defaults, 9191 and 9192: worker 1's Check port would be worker 0's health.
+        ({"workers": "2"}, "health_listen ports 9192 to 9193, which overlap; move"),
+        (
+            {"workers": "2", "worker": "2", "health_listen": "127.0.0.1:9300"},
+            "worker 2 is not one of the 2 workers",
+        ),
     ],
 )
 def test_workers_that_cannot_run_name_what_to_fix(env: dict[str, str], message: str) -> None:
