@@ -10,7 +10,7 @@ same request to show what the decision record leaves out:
 - the rule that decided and the dry-run shadow results;
 - the Rego decision: its path, its package, the value the policy produced (headers and
   body included: the request is the author's own) and, with dry-run packages, the
-  shadow value over the full set. rego-cpp cannot say which rule produced a value, so
+  shadow value over the full set. The engine cannot say which rule produced a value, so
   the decision path and its package are as precise as the trace gets.
 """
 

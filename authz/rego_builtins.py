@@ -1,43 +1,118 @@
-"""Calls in Rego modules checked against the built-ins rego-cpp really has.
+"""The built-ins a policy may call: regorus's own, and OPA's ``io.jwt``/``crypto`` ones meshward adds.
 
-rego-cpp 1.5 is lenient where OPA 1.x is strict, and that leniency fails open or
-crashes at request time: OPA built-ins it lacks (``http.send``, ``net.*``,
-``graphql.*``…) are placeholders that evaluate to undefined, unknown functions only
-fail when evaluated, and a built-in called with fewer arguments than it takes
-(``count()``) compiles and then crashes the process (SIGSEGV) when evaluated. So every
-call a module makes is checked at load, and what rego-cpp knows of a built-in is asked
-once per name per process.
+Every call a module makes is checked at load (regorus itself only notices an unknown
+function or a wrong argument count when the call is evaluated): a name that is neither
+a function of the policy set nor a supported built-in, a built-in meshward refuses
+(``http.send``, ``opa.runtime``, ``print``), and a wrong number of arguments are load
+errors with the file and line.
+
+The added built-ins run in Python (``authz.rego_jwt``, ``authz.rego_crypto``) as regorus
+extensions. OPA leaves a built-in call undefined when it fails (a malformed token);
+regorus fails the whole evaluation when an extension raises. So each added built-in
+is an extension that answers ``{"ok": true, "value": …}`` or ``{"ok": false}``, wrapped
+in a Rego function of package ``meshward_builtins`` that is undefined unless ``ok``;
+the calls in the policy are renamed to the wrapper (on the same line, so lines in
+errors stay right) before regorus sees the module.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Final
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Final
 
+from authz import rego_crypto, rego_jwt
 from authz.errors import PolicyIssue
-from authz.rego_binding import (
-    Bundle,
-    Interpreter,
-    children,
-    find,
-    lib,
-    node_text,
-    type_name,
+from authz.rego_jwt import BuiltinError
+from authz.rego_scan import ModuleScan, rename_calls
+from authz.regorus_binding import Extension, builtin_arity, builtin_names
+
+__all__ = [
+    "ADDED_BUILTINS",
+    "BUILTINS_FILE",
+    "BUILTINS_MODULE",
+    "EXTENSIONS",
+    "call_problems",
+    "supported_builtins",
+    "with_added_builtins",
+]
+
+_ADDED: dict[str, Callable[..., Any]] = {
+    "io.jwt.decode": rego_jwt.decode,
+    "io.jwt.decode_verify": rego_jwt.decode_verify,
+    **{f"io.jwt.verify_{alg.lower()}": rego_jwt.verify(alg) for alg in rego_jwt.VERIFY_ALGORITHMS},
+    "crypto.md5": rego_crypto.digest("md5"),
+    "crypto.sha1": rego_crypto.digest("sha1"),
+    "crypto.sha256": rego_crypto.digest("sha256"),
+    **{
+        f"crypto.hmac.{name}": rego_crypto.hmac_digest(name)
+        for name in ("md5", "sha1", "sha256", "sha512")
+    },
+    "crypto.hmac.equal": rego_crypto.hmac_equal,
+    "crypto.x509.parse_certificates": rego_crypto.parse_certificates,
+}
+# The argument count of each added built-in, read off its Python signature.
+ADDED_BUILTINS: Final[Mapping[str, int]] = {
+    name: function.__code__.co_argcount for name, function in _ADDED.items()
+}
+BUILTINS_FILE = "<meshward builtins>"
+_PACKAGE = "meshward_builtins"
+
+
+def _wrapper_name(name: str) -> str:
+    return name.replace(".", "_")
+
+
+def _extension(function: Callable[..., Any]) -> Callable[..., dict[str, Any]]:
+    def call(*args: Any) -> dict[str, Any]:
+        try:
+            return {"ok": True, "value": function(*args)}
+        except (BuiltinError, TypeError, ValueError):
+            return {"ok": False}
+
+    return call
+
+
+EXTENSIONS: Final[tuple[Extension, ...]] = tuple(
+    Extension(f"meshward.{_wrapper_name(name)}", ADDED_BUILTINS[name], _extension(function))
+    for name, function in _ADDED.items()
 )
-from authz.rego_scan import Call, ModuleScan
 
-__all__ = ["call_problems"]
 
-# OPA 1.0 dropped these v0 built-ins; rego-cpp lacks them too, but the reason to give
-# is the v1 one, with the replacement.
+def _module() -> str:
+    lines = [f"package {_PACKAGE}", ""]
+    for name, nargs in ADDED_BUILTINS.items():
+        params = ", ".join(f"a{i}" for i in range(nargs))
+        local = _wrapper_name(name)
+        lines.append(f"{local}({params}) := r.value if {{ r := meshward.{local}({params}); r.ok }}")
+    return "\n".join(lines) + "\n"
+
+
+BUILTINS_MODULE: Final[str] = _module()
+_RENAMES: Final[Mapping[str, str]] = {
+    name: f"data.{_PACKAGE}.{_wrapper_name(name)}" for name in ADDED_BUILTINS
+}
+
+
+def with_added_builtins(text: str) -> str:
+    """``text`` with its calls of added built-ins renamed to their wrappers."""
+    return rename_calls(text, _RENAMES)
+
+
+# Built-ins regorus has that a policy may not call.
+_REFUSED: Final[Mapping[str, str]] = {
+    "http.send": "regorus answers it undefined instead of sending; fetch the data into "
+    "data documents instead",
+    "opa.runtime": "it describes the engine, not OPA's runtime, so a policy cannot rely on it",
+    "print": "it writes to meshward's stderr on every decision; debug with opa eval or opa test",
+}
+# OPA 1.0 dropped these v0 built-ins; the reason to give is the v1 one, with the replacement.
 _REMOVED_IN_V1: Final[Mapping[str, str]] = {
     "any": "`some x in xs` with a test on x",
     "all": "`every x in xs { … }`",
     "re_match": "regex.match",
     "set_diff": "`a - b`",
-    "net.cidr_overlap": "net.cidr_contains (not available in rego-cpp either)",
+    "net.cidr_overlap": "net.cidr_contains",
     "cast_array": "an array comprehension",
     "cast_set": "a set comprehension",
     "cast_string": "the value itself, checked with is_string",
@@ -45,123 +120,64 @@ _REMOVED_IN_V1: Final[Mapping[str, str]] = {
     "cast_null": "the value itself, checked with is_null",
     "cast_object": "the value itself, checked with is_object",
 }
-_PRINT_MESSAGE = (
-    "`print` is not allowed: rego-cpp writes its output to meshward's stdout on every "
-    "decision; remove it (debug with opa eval or opa test)"
-)
+
+
+def supported_builtins() -> dict[str, int | None]:
+    """Every built-in a policy may call, with its argument count where known."""
+    names = (builtin_names() - _REFUSED.keys() - {n for n in builtin_names() if "__" in n}) | set(
+        ADDED_BUILTINS
+    )
+    return {name: _arity(name) for name in sorted(names)}
+
+
+_ARITIES: dict[str, int | None] = {}
+_ARITIES_LOCK = threading.Lock()
+
+
+def _arity(name: str) -> int | None:
+    if name in ADDED_BUILTINS:
+        return ADDED_BUILTINS[name]
+    with _ARITIES_LOCK:
+        if name not in _ARITIES:
+            _ARITIES[name] = builtin_arity(name)
+        return _ARITIES[name]
 
 
 def call_problems(
     scans: Mapping[str, ModuleScan], functions: Mapping[tuple[str, ...], set[str]]
 ) -> list[PolicyIssue]:
-    """Every call in ``scans`` (file → scan) that rego-cpp would not run as written.
+    """Every call in ``scans`` (file → scan) that the engine would not run as written.
 
     ``functions`` maps each package to the functions its modules define; calls into
-    ``data``, ``input`` and imports are left to rego-cpp and OPA's own checks.
+    ``data``, ``input`` and imports are left to regorus.
     """
     problems: list[PolicyIssue] = []
-    pending: list[tuple[str, Call]] = []
+    known = builtin_names() | ADDED_BUILTINS.keys()
     for file, scan in scans.items():
         local = functions.get(scan.package, set())
         for call in scan.calls:
             root = call.name.split(".", 1)[0]
             if root in ("data", "input") or root in scan.aliases or call.name in local:
-                continue  # a function some module defines (or a mistake OPA itself reports)
-            if call.name == "print":
-                problems.append(PolicyIssue(file, 0, "", _PRINT_MESSAGE, call.line))
-            elif call.name in _REMOVED_IN_V1:
-                message = (
-                    f"`{call.name}` is a Rego v0 built-in, removed in Rego v1; "
-                    f"use {_REMOVED_IN_V1[call.name]}"
-                )
+                continue  # a function some module defines (or a mistake regorus reports)
+            message = _problem(call.name, call.argc, known)
+            if message is not None:
                 problems.append(PolicyIssue(file, 0, "", message, call.line))
-            else:
-                pending.append((file, call))
-    known = _builtins(call.name for _, call in pending)
-    for file, call in pending:
-        builtin = known[call.name]
-        if builtin is None:
-            message = (
-                f"unknown function `{call.name}`: no module defines it and it is not a "
-                "built-in of rego-cpp, meshward's Rego engine"
-            )
-        elif not builtin.available:
-            message = (
-                f"built-in `{call.name}` is not supported by rego-cpp, meshward's Rego engine: "
-                "OPA would run it, here it would be undefined on every request"
-            )
-        elif call.argc not in builtin.accepted:
-            message = (
-                f"`{call.name}` takes {_plural(builtin.arity, 'argument')}"
-                + (" (one more to bind its result)" if builtin.returns else "")
-                + f", not {call.argc}"
-            )
-        else:
-            continue
-        problems.append(PolicyIssue(file, 0, "", message, call.line))
     return problems
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
-
-
-@dataclass(slots=True, frozen=True)
-class _Builtin:
-    arity: int
-    returns: bool  # a call may then pass one more argument, bound to the result
-    available: bool  # False for OPA built-ins rego-cpp only declares (http.send, net.*)
-
-    @property
-    def accepted(self) -> tuple[int, ...]:
-        return (self.arity, self.arity + 1) if self.returns else (self.arity,)
-
-
-_BUILTINS: dict[str, _Builtin | None] = {}
-_BUILTINS_LOCK = threading.Lock()
-
-
-def _builtins(names: Iterable[str]) -> dict[str, _Builtin | None]:
-    """What rego-cpp knows of each name (None: not a built-in), cached for the process."""
-    wanted = set(names)
-    with _BUILTINS_LOCK:
-        missing = sorted(wanted - _BUILTINS.keys())
-        if missing:
-            found = _probe(missing)
-            if found is None:  # one odd name spoils the batch: ask one by one
-                found = {}
-                for name in missing:
-                    found.update(_probe([name]) or {name: None})
-            _BUILTINS.update(found)
-        return {name: _BUILTINS[name] for name in wanted}
-
-
-def _probe(names: Sequence[str]) -> dict[str, _Builtin | None] | None:
-    # rego-cpp has no call for a built-in's arity, but a compiled bundle carries the
-    # declaration of every built-in its plans call: compile (never run) one calling each.
-    interpreter = Interpreter()
-    body = "\n".join(f"\t{name}(1)" for name in names)
-    source = f"package meshward_builtin_probe\n\nprobe if {{\n{body}\n}}\n"
-    if lib.regoAddModule(interpreter.handle, b"probe.rego", source.encode()):
-        return None
-    if lib.regoAddEntrypoint(interpreter.handle, b"meshward_builtin_probe/probe"):
-        return None
-    handle = lib.regoBuild(interpreter.handle)
-    if not handle:
-        return None
-    bundle = Bundle(handle)
-    found: dict[str, _Builtin | None] = dict.fromkeys(names)
-    for node in find(int(lib.regoBundleNode(bundle.handle)), "rego-builtinfunction"):
-        parts = children(node)
-        if len(parts) < 2:
-            continue
-        name = node_text(parts[0])
-        declaration = children(parts[1])
-        if name not in found or not declaration:
-            continue
-        found[name] = _Builtin(
-            arity=int(lib.regoNodeSize(declaration[0])),
-            returns=len(declaration) > 1 and type_name(declaration[1]) == "rego-builtin-result",
-            available=bool(lib.regoIsAvailableBuiltIn(interpreter.handle, name.encode())),
+def _problem(name: str, argc: int, known: Iterable[str]) -> str | None:
+    if name in _REFUSED:
+        return f"`{name}` is not allowed: {_REFUSED[name]}"
+    if name in _REMOVED_IN_V1:
+        return f"`{name}` is a Rego v0 built-in, removed in Rego v1; use {_REMOVED_IN_V1[name]}"
+    if name not in known:
+        return (
+            f"unknown function `{name}`: no module defines it and it is not a built-in "
+            "meshward's Rego engine supports (see the README's list)"
         )
-    return found
+    arity = _arity(name)
+    # One more argument binds the result: `count(xs, n)`.
+    if arity is not None and argc not in (arity, arity + 1):
+        plural = "" if arity == 1 else "s"
+        return f"`{name}` takes {arity} argument{plural} (one more to bind its result), not {argc}"
+    return None

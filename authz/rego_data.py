@@ -3,8 +3,8 @@
 Every ``data.json`` / ``data.yaml`` / ``data.yml`` is mounted at its directory
 (``roles/data.json`` → ``data.roles``; the root one must be an object). Objects from
 several files merge key by key; any other value has exactly one owner, and a path
-defined twice names both files. OPA refuses a rule whose path holds base data; rego-cpp
-would let the data win silently, so that is refused here too.
+defined twice names both files. OPA refuses a rule whose path holds base data, and so does meshward, with both
+files named.
 """
 
 from __future__ import annotations
@@ -191,8 +191,7 @@ def rule_data_conflicts(
     data: Mapping[str, Any],
     sources: Mapping[tuple[str, ...], str],
 ) -> list[PolicyIssue]:
-    # OPA refuses a rule whose path holds base data ("conflicting rule for data path");
-    # rego-cpp would let the data win silently.
+    # OPA refuses a rule whose path holds base data ("conflicting rule for data path").
     problems: list[PolicyIssue] = []
     for file, scan in scans.items():
         for rule in scan.rules:

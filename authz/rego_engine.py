@@ -1,4 +1,4 @@
-"""Rego policies (OPA-Envoy style) compiled once into rego-cpp bundles and evaluated in process.
+"""Rego policies (OPA-Envoy style) compiled once and evaluated in process by regorus.
 
 The directory is read as an OPA bundle: every ``*.rego`` (recursively; hidden entries
 and ``*_test.rego`` skipped) is a module, every ``data.json`` / ``data.yaml`` /
@@ -9,50 +9,42 @@ problem in every file is collected and ``PolicyLoadError`` lists them as
 
 Compilation stages, in order, each collecting issues:
 
-1. parse each module with rego-cpp (syntax errors, with their line);
-2. scan each module's tokens: Rego v0 forms, calls, rule heads, METADATA blocks
-   (``authz.rego_scan``);
-3. check every call against rego-cpp's built-ins (``authz.rego_builtins``);
+1. parse each module with regorus (syntax errors with their line; Rego v1 only);
+2. scan each module's tokens: calls, rule heads, METADATA blocks (``authz.rego_scan``);
+3. check every call against the supported built-ins (``authz.rego_builtins``), since
+   regorus reports an unknown function or a wrong argument count only when the call
+   is evaluated;
 4. read and merge the data documents (``authz.rego_data``);
 5. cross-checks: rules against data paths, the decision rule exists, dry-run flags
    (``authz.rego_annotations``), no enforced module calls a dry-run package's function;
-6. build the bundles whose entrypoint is the decision (``envoy/authz/allow``).
-
-Stages 2, 3 and 5 exist because rego-cpp 1.5 is lenient where OPA 1.x is strict, and
-that leniency fails open or crashes at request time: it parses Rego v0 and v1 alike,
-lacks some OPA built-ins, crashes on a built-in called without its arguments, and lets
-base data silently replace a rule.
+6. build the programs whose decision is ``data.envoy.authz.allow``.
 
 Dry-run packages (annotated ``custom: {dry_run: true}``, or listed by the caller) are
-staged, not enforced. When there are any, two bundles are built: the full one, and the
+staged, not enforced. When there are any, two programs are built: the full one, and the
 *enforced* one without the dry-run packages' modules. ``evaluate_enforced`` answers
-from the enforced bundle and also evaluates the full one as the shadow, so a team can
+from the enforced program and also evaluates the full one as the shadow, so a team can
 see what its staged package would change while the rest of the set enforces. A rule
 of an enforced package that reads a dry-run package's rule sees it undefined in the
-enforced bundle; calling a dry-run package's *function* is refused at load, since it
+enforced program; calling a dry-run package's *function* is refused at load, since it
 would fail every enforced evaluation. When the decision's own package is dry-run there
-is nothing to enforce: the full bundle answers and the result says ``dry_run``.
+is nothing to enforce: the full program answers and the result says ``dry_run``.
 
-Evaluation facts:
+Evaluation facts (see ``authz.regorus_binding``):
 
-- Built-ins that look at characters (``count``, ``substring``, ``base64.encode``…) see
-  the escaped form of strings holding ``"``, ``\\`` or control characters; plain and
-  non-ASCII strings are unaffected (see ``authz.rego_binding`` for why).
-- An interpreter serves one thread at a time; the compiled bundles are shared
-  read-only, so each thread evaluates with its own interpreter against them. One input
-  is handed over once and queried against both bundles.
-- Evaluation is one blocking C call (through ctypes, which releases the GIL, so other
-  threads run meanwhile) and rego-cpp has no way to interrupt it. A timeout therefore
-  discards a late result (the request is denied with ``timeout``) but cannot free the
-  thread before rego-cpp returns: about 3 µs per element a policy iterates, so 3 s for
-  a comprehension over a million numbers.
+- Each thread evaluates with its own regorus engine, built from the program's sources
+  on its first evaluation.
+- A built-in that fails (``to_number("x")``) fails the evaluation (``eval_error``), as
+  ``opa eval --strict-builtin-errors`` does; OPA's default leaves the call undefined.
+  The built-ins meshward adds (``io.jwt.*``, ``crypto.*``) follow OPA's default.
+- Evaluation holds the GIL and regorus's Python binding exposes no execution limit. A
+  timeout therefore discards a late result (the request is denied with ``timeout``)
+  but cannot stop the evaluation before it ends.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -62,8 +54,13 @@ from typing import Any
 from authz.errors import PolicyIssue, PolicyLoadError
 from authz.policy_files import list_files, read_files
 from authz.rego_annotations import annotated_dry_run_packages
-from authz.rego_binding import Bundle, Interpreter, input_handle, last_error, lib, query
-from authz.rego_builtins import call_problems
+from authz.rego_builtins import (
+    BUILTINS_FILE,
+    BUILTINS_MODULE,
+    EXTENSIONS,
+    call_problems,
+    with_added_builtins,
+)
 from authz.rego_data import (
     DATA_FILE_NAMES,
     UNREADABLE,
@@ -72,10 +69,9 @@ from authz.rego_data import (
     read_data,
     rule_data_conflicts,
 )
-from authz.rego_diagnostics import error_issues
-from authz.rego_hazards import crash_hazards
 from authz.rego_paths import DEFAULT_DECISION_PATH, parse_decision_path, parse_package_name
 from authz.rego_scan import V0_MESSAGE, ModuleScan, RegoModule, scan
+from authz.regorus_binding import EngineError, Program, QueryResult
 
 __all__ = [
     "DATA_FILE_NAMES",
@@ -105,7 +101,7 @@ class RegoResult:
     ``error`` is None when the decision is defined; ``value`` is then the decision as
     JSON-like Python (objects → dict, arrays and sets → list, ``null`` → None).
     Otherwise ``error`` is ``undefined``, ``eval_error`` or ``timeout`` and ``detail``
-    says what happened. rego-cpp gives no provenance, so ``decision`` (the decision
+    says what happened. The engine gives no provenance, so ``decision`` (the decision
     path, ``data.envoy.authz.allow``) is what decided; ``dry_run`` is whether its
     package is a dry-run package.
     """
@@ -250,17 +246,11 @@ def _compile(
             issues.extend(problems)
             continue
         scans[module.file] = scan(module.text)
-    # Shapes that abort rego-cpp while compiling: refused before anything is built.
-    issues.extend(crash_hazards([m for m in modules if m.file in scans]))
 
     functions: dict[tuple[str, ...], set[str]] = {}
     for found in scans.values():
         functions.setdefault(found.package, set()).update(
             ".".join(rule.path) for rule in found.rules if rule.function
-        )
-    for file, found in scans.items():
-        issues.extend(
-            PolicyIssue(file, 0, "", f"{V0_MESSAGE} ({what})", line) for line, what in found.v0
         )
     issues.extend(call_problems(scans, functions))
     packages = frozenset(".".join(found.package) for found in scans.values())
@@ -273,11 +263,12 @@ def _compile(
         raise PolicyLoadError(sorted(issues, key=lambda i: (i.file, i.line or 0)))
 
     entrypoint = "/".join(decision)
-    bundle = _build(modules, data, entrypoint)
-    enforced: Bundle | None = None
+    data_json = json.dumps(data)
+    bundle = _build(modules, data_json)
+    enforced: Program | None = None
     if dry_run and ".".join(package) not in dry_run:
         staged = {file for file, found in scans.items() if ".".join(found.package) in dry_run}
-        enforced = _build([m for m in modules if m.file not in staged], data, entrypoint)
+        enforced = _build([m for m in modules if m.file not in staged], data_json)
     digest = hashlib.sha256(entrypoint.encode())
     for module in modules:
         digest.update(b"\0" + module.file.encode() + b"\0" + module.text.encode())
@@ -298,35 +289,36 @@ def _compile(
 
 
 def _parse_problems(module: RegoModule) -> list[PolicyIssue]:
-    # A fresh interpreter per module: after a failed add the interpreter's state is not
-    # documented, and each file's errors should be reported on their own.
-    interpreter = Interpreter()
-    if lib.regoAddModule(interpreter.handle, module.file.encode(), module.text.encode()) == 0:
-        return []
-    return error_issues(last_error(interpreter.handle), {module.file: module.text}, module.file)
+    # Each module on its own, so that every file's errors are reported.
+    try:
+        Program([(module.file, module.text)]).check()
+    except EngineError as exc:
+        return [_issue(exc, module.file)]
+    return []
 
 
-def _build(modules: Sequence[RegoModule], data: Mapping[str, Any], entrypoint: str) -> Bundle:
-    interpreter = Interpreter()
-    sources = {m.file: m.text for m in modules}
-    origin = modules[0].file
-    for module in modules:
-        if lib.regoAddModule(interpreter.handle, module.file.encode(), module.text.encode()):
-            raise PolicyLoadError(error_issues(last_error(interpreter.handle), sources, origin))
-    # ensure_ascii=False: rego-cpp counts \u escapes as characters; raw UTF-8 it reads right.
-    if data and lib.regoAddDataJSON(
-        interpreter.handle, json.dumps(data, ensure_ascii=False).encode()
-    ):
-        raise PolicyLoadError(error_issues(last_error(interpreter.handle), sources, origin))
-    if lib.regoAddEntrypoint(interpreter.handle, entrypoint.encode()):
-        raise PolicyLoadError(error_issues(last_error(interpreter.handle), sources, origin))
-    handle = lib.regoBuild(interpreter.handle)
-    if not handle:
-        raise PolicyLoadError(error_issues(last_error(interpreter.handle), sources, origin))
-    bundle = Bundle(handle)
-    if not lib.regoBundleOk(handle):
-        raise PolicyLoadError(error_issues(last_error(interpreter.handle), sources, origin))
-    return bundle
+_V0_HINTS = ("`if` keyword is required", "`contains` keyword is required")
+
+
+def _issue(error: EngineError, origin: str) -> PolicyIssue:
+    file, line, what = error.file or origin, error.line, error.detail
+    if any(hint in what for hint in _V0_HINTS):
+        return PolicyIssue(file, 0, "", f"{V0_MESSAGE} ({what})", line)
+    return PolicyIssue(file, 0, "", f"does not parse: {what}", line)
+
+
+def _build(modules: Sequence[RegoModule], data_json: str) -> Program:
+    program = Program(
+        [(m.file, with_added_builtins(m.text)) for m in modules]
+        + [(BUILTINS_FILE, BUILTINS_MODULE)],
+        data_json,
+        EXTENSIONS,
+    )
+    try:
+        program.check()
+    except EngineError as exc:
+        raise PolicyLoadError([_issue(exc, modules[0].file)]) from None
+    return program
 
 
 def _decision_package(
@@ -360,9 +352,9 @@ def _dry_run_function_calls(
     functions: Mapping[tuple[str, ...], set[str]],
     dry_run: frozenset[str],
 ) -> list[PolicyIssue]:
-    # rego-cpp builds a bundle calling a function no module defines and fails the call
-    # at evaluation ("Function not found"): in the enforced bundle that would deny
-    # every request, so it is refused while the author is still looking.
+    # The engine fails a call of a function no module defines when it is evaluated: in
+    # the enforced program that would deny every request, so it is refused while the
+    # author is still looking.
     if not dry_run:
         return []
     staged = [tuple(p.split(".")) for p in dry_run]
@@ -400,7 +392,7 @@ def _dry_run_function_calls(
 
 
 class RegoEngine:
-    """A compiled policy set: its bundles, evaluated by any number of threads.
+    """A compiled policy set: its programs, evaluated by any number of threads.
 
     Built by ``load_rego_policies`` / ``compile_rego``; immutable. ``decision`` is the
     decision's data path (``data.envoy.authz.allow``), ``package`` the package defining
@@ -413,9 +405,9 @@ class RegoEngine:
 
     def __init__(
         self,
-        bundle: Bundle,
+        program: Program,
         *,
-        enforced: Bundle | None = None,
+        enforced: Program | None = None,
         decision: tuple[str, ...],
         package: tuple[str, ...],
         packages: frozenset[str],
@@ -425,11 +417,9 @@ class RegoEngine:
         version: str,
         clock: Callable[[], float],
     ) -> None:
-        self._bundle = bundle
+        self._program = program
         self._enforced = enforced
-        self._entrypoint = "/".join(decision).encode()
         self._clock = clock
-        self._local = threading.local()
         self.decision = "data." + ".".join(decision)
         self.package = ".".join(package)
         self.packages = packages
@@ -446,15 +436,10 @@ class RegoEngine:
         """Evaluate the decision over every module, dry-run packages included.
 
         Never raises for what the policy does. ``timeout`` (seconds): a result that
-        arrives later is discarded and the error is ``timeout``; rego-cpp cannot be
-        interrupted, so this bounds what is enforced, not how long the call takes (see
-        the module docstring).
+        arrives later is discarded and the error is ``timeout``; the evaluation itself
+        cannot be interrupted (see the module docstring).
         """
-        started = self._clock()
-        interpreter = self._prepare(input_document)
-        if isinstance(interpreter, RegoResult):
-            return interpreter
-        return self._query(interpreter, self._bundle, started, timeout)
+        return self._query(self._program, input_document, timeout)
 
     def evaluate_enforced(
         self, input_document: Mapping[str, Any], *, timeout: float | None = None
@@ -463,33 +448,17 @@ class RegoEngine:
 
         ``timeout`` applies to each of the two results on its own.
         """
-        started = self._clock()
-        interpreter = self._prepare(input_document)
-        if isinstance(interpreter, RegoResult):
-            return RegoEvaluation(interpreter)
         if self._enforced is None:
-            return RegoEvaluation(self._query(interpreter, self._bundle, started, timeout))
-        result = self._query(interpreter, self._enforced, started, timeout)
-        shadow = self._query(interpreter, self._bundle, self._clock(), timeout)
+            return RegoEvaluation(self._query(self._program, input_document, timeout))
+        result = self._query(self._enforced, input_document, timeout)
+        shadow = self._query(self._program, input_document, timeout)
         return RegoEvaluation(result, shadow)
 
-    def _prepare(self, input_document: Mapping[str, Any]) -> Interpreter | RegoResult:
-        """This thread's interpreter holding the input, or why the input cannot be given."""
-        interpreter: Interpreter | None = getattr(self._local, "interpreter", None)
-        if interpreter is None:
-            interpreter = self._local.interpreter = Interpreter()
-        try:
-            handle = input_handle(input_document)
-        except (TypeError, ValueError, RecursionError) as exc:
-            return self._failed("eval_error", f"the input cannot be given to Rego: {exc}")
-        if not interpreter.set_input(handle):
-            return self._failed("eval_error", last_error(interpreter.handle))
-        return interpreter
-
     def _query(
-        self, interpreter: Interpreter, bundle: Bundle, started: float, timeout: float | None
+        self, program: Program, input_document: Mapping[str, Any], timeout: float | None
     ) -> RegoResult:
-        answer = query(interpreter, bundle, self._entrypoint)
+        started = self._clock()
+        answer: QueryResult = program.query(self.decision, input_document)
         if timeout is not None and self._clock() - started > timeout:
             return self._failed(
                 "timeout", f"the decision took longer than {timeout:g} s and was discarded"

@@ -1,7 +1,7 @@
 """Names of Rego documents in configuration: the decision path and package names.
 
 Kept apart from the engine so configuration can be validated without loading
-rego-cpp.
+regorus.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The facts meshward checks in a Rego module, read from its tokens.
 
-rego-cpp exposes neither the parsed module nor its annotations, so the package, the
-imports, the rule heads, the calls, the Rego v0 forms and the METADATA blocks come
-from a token scan. Only modules rego-cpp has already parsed are scanned, so the scan
-can assume the text is well-formed Rego.
+The package, the imports, the rule heads, the calls and the METADATA blocks come from
+a token scan (regorus's AST is not part of what its Python binding promises). Only
+modules the engine has already parsed are scanned, so the scan can assume the text is
+well-formed Rego. ``rename_calls`` uses the same tokens to point calls elsewhere.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import textwrap
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -86,6 +86,7 @@ class _Token(NamedTuple):
     text: str
     line: int
     depth: int  # bracket depth outside the token
+    offset: int  # where the token starts in the text
 
 
 @dataclass(slots=True, frozen=True)
@@ -117,7 +118,6 @@ class ModuleScan:
     data_imports: dict[str, tuple[str, ...]] = field(default_factory=dict)
     rules: list[Rule] = field(default_factory=list)
     calls: list[Call] = field(default_factory=list)
-    v0: list[tuple[int, str]] = field(default_factory=list)
     annotations: list[Annotation] = field(default_factory=list)
 
 
@@ -129,14 +129,14 @@ def _tokenize(text: str) -> tuple[list[_Token], list[tuple[int, str, bool]]]:
     for match in _TOKEN.finditer(text):
         kind, value = match.lastgroup or "op", match.group()
         if kind == "nl":
-            tokens.append(_Token(kind, value, line, depth))
+            tokens.append(_Token(kind, value, line, depth, match.start()))
             line, code_on_line = line + 1, False
         elif kind == "comment":
             comments.append((line, value, not code_on_line))
         elif kind != "ws":
             if kind == "op" and value in _CLOSERS:
                 depth = max(depth - 1, 0)
-            tokens.append(_Token(kind, value, line, depth))
+            tokens.append(_Token(kind, value, line, depth, match.start()))
             if kind == "op" and value in _OPENERS:
                 depth += 1
             line += value.count("\n")  # raw strings may span lines
@@ -145,7 +145,7 @@ def _tokenize(text: str) -> tuple[list[_Token], list[tuple[int, str, bool]]]:
 
 
 def scan(text: str) -> ModuleScan:
-    """The package, imports, rule heads, calls, v0 forms and METADATA of one module."""
+    """The package, imports, rule heads, calls and METADATA of one module."""
     tokens, comments = _tokenize(text)
     found = ModuleScan()
     heads: set[int] = set()
@@ -171,7 +171,6 @@ def scan(text: str) -> ModuleScan:
                 if function:
                     heads.add(first)
     found.calls = list(_calls(tokens, heads))
-    found.v0 = list(_v0_sites(tokens))
     found.annotations = list(_annotations(comments, tokens))
     return found
 
@@ -284,6 +283,12 @@ def _static_ref(tokens: Sequence[_Token], i: int) -> tuple[list[str], int]:
 
 
 def _calls(tokens: Sequence[_Token], heads: set[int]) -> Iterator[Call]:
+    for i, j, name in _call_names(tokens, heads):
+        yield Call(name, _argument_count(tokens, j), tokens[i].line)
+
+
+def _call_names(tokens: Sequence[_Token], heads: set[int]) -> Iterator[tuple[int, int, str]]:
+    """(first token, its `(`, dotted name) of every call."""
     for i, token in enumerate(tokens):
         if token.kind != "ident" or token.text in _KEYWORDS or i in heads:
             continue
@@ -294,7 +299,25 @@ def _calls(tokens: Sequence[_Token], heads: set[int]) -> Iterator[Call]:
             name.append(tokens[j + 1].text)
             j += 2
         if j < len(tokens) and tokens[j].text == "(":
-            yield Call(".".join(name), _argument_count(tokens, j), token.line)
+            yield i, j, ".".join(name)
+
+
+def rename_calls(text: str, renames: Mapping[str, str]) -> str:
+    """``text`` with each call of a name in ``renames`` calling the new name instead.
+
+    Newlines inside a renamed reference are kept, so every line keeps its number.
+    """
+    tokens, _ = _tokenize(text)
+    heads = set(_statement_starts(tokens))
+    out: list[str] = []
+    done = 0
+    for i, j, name in _call_names(tokens, heads):
+        if name not in renames:
+            continue
+        start, end = tokens[i].offset, tokens[j].offset
+        out += [text[done:start], renames[name], "\n" * text.count("\n", start, end)]
+        done = end
+    return "".join(out) + text[done:]
 
 
 def _argument_count(tokens: Sequence[_Token], opening: int) -> int:
@@ -310,22 +333,6 @@ def _argument_count(tokens: Sequence[_Token], opening: int) -> int:
         if token.depth == depth + 1 and token.text == ",":
             commas += 1
     return 0 if empty else commas + 1
-
-
-def _v0_sites(tokens: Sequence[_Token]) -> Iterator[tuple[int, str]]:
-    previous: _Token | None = None
-    for token in tokens:
-        if token.kind == "nl":
-            continue
-        if token.text == "{" and token.depth == 0 and previous is not None:
-            if previous.text == "else":
-                yield token.line, "`else` body without `if`"
-            elif previous.text in _CLOSERS or (
-                previous.kind in _HEAD_END_KINDS
-                and (previous.text not in _KEYWORDS or previous.text in ("true", "false", "null"))
-            ):
-                yield token.line, "rule body without `if`"
-        previous = token
 
 
 def _annotations(

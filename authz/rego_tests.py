@@ -9,20 +9,16 @@ value and undefined fail; an evaluation error (a conflict between rule outputs, 
 malformed argument to a built-in) is an error. Rules named ``todo_test_*`` are
 reported as skipped, as in OPA.
 
-Nothing is compiled before ``authz.rego_hazards`` has looked for the Rego that makes
-rego-cpp 1.5 kill the process while compiling; in tests that is mostly
-``with input as …``, the whole input replaced. Then the directory is loaded exactly as
-``meshward authz`` serves it (``load_rego_policies``): a policy set the server would
-refuse fails the run with its problems, whatever the tests say. Test modules pass the
-same compile-time checks as policies (Rego v1 only, no ``print``, only built-ins
-rego-cpp has), which also keeps a built-in called with the wrong number of arguments
-from crashing the process when a test runs.
+The directory is loaded exactly as ``meshward authz`` serves it
+(``load_rego_policies``): a policy set the server would refuse fails the run with its
+problems, whatever the tests say. Test modules pass the same compile-time checks as
+policies (Rego v1 only, no ``print``, only supported built-ins with the right number
+of arguments).
 
-Tests see every package, dry-run (staged) ones included, as OPA's tests do.
-rego-cpp evaluates only the entrypoints a bundle was compiled for, so each test
-package is compiled once with its package document as the entrypoint and evaluated
-with an empty input document; when that document fails (one test errs), each of its
-tests is compiled and evaluated on its own, so the error lands on the test that has it.
+Tests see every package, dry-run (staged) ones included, as OPA's tests do. Each test
+package is compiled once, its package document evaluated with an empty input
+document; when that document fails (one test errs), each of its tests is compiled and
+evaluated on its own, so the error lands on the test that has it.
 """
 
 from __future__ import annotations
@@ -48,7 +44,6 @@ from authz.rego_engine import (
     compile_rego,
     load_rego_policies,
 )
-from authz.rego_hazards import crash_hazards
 from authz.rego_scan import scan
 
 __all__ = [
@@ -149,7 +144,6 @@ def run_rego_tests(
     if not tests and not issues:
         return RegoTestRun()
     modules = [*policies, *tests]
-    issues.extend(crash_hazards(modules))
     if issues:
         return RegoTestRun(issues=tuple(issues))
     # Test-only packages count as dry-run: the engine then leaves them out of the
@@ -285,8 +279,8 @@ def _run(
     except PolicyLoadError as exc:
         detail = "; ".join(str(issue) for issue in exc.issues)
         return RegoTestResult(case, RegoTestOutcome.ERRORED, detail)
-    # OPA runs tests without input; rego-cpp needs a document, and an empty one reads
-    # the same for every `input.x` a test does not replace.
+    # OPA runs tests without input; an empty document reads the same for every
+    # `input.x` a test does not replace.
     result = engine.evaluate({})
     seconds = time.perf_counter() - started
     if result.error == "undefined":

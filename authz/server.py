@@ -25,14 +25,12 @@ sink cannot keep a record (the spool is full) and ``audit_required`` is set
 (``audit.on_full: deny``), an allow becomes a denial with reason
 ``audit_unavailable``: no request passes unaudited.
 
-Deciding stays synchronous on the event loop. A Rego evaluation is one ctypes call
-that releases the GIL, but the input, the Istio engine and the response are Python
-and hold it: on the 2-core development machine, 64 concurrent callers of a decision
-with the OPA-Envoy example policy (a JWT decode, evaluated twice for its dry-run
-package: 0.9 ms) got 1006 decisions/s inline
-and 806/s through ``asyncio.to_thread``, whose round trip alone costs 37 µs. A slow
-policy is bounded by ``authz.rego.timeout`` only in what is enforced, since rego-cpp
-cannot be interrupted (see ``authz.rego_engine``).
+Deciding stays synchronous on the event loop: a Rego evaluation holds the GIL (regorus
+through its Python binding), as the input, the Istio engine and the response do, so a
+thread would only add its hand-off (37 µs for ``asyncio.to_thread`` on the 2-core
+development machine). A slow
+policy is bounded by ``authz.rego.timeout`` only in what is enforced, since regorus's
+Python binding cannot interrupt an evaluation (see ``authz.rego_engine``).
 """
 
 from __future__ import annotations

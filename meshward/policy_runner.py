@@ -29,7 +29,6 @@ from authz.decision_trace import (
 from authz.errors import AuthzError, PolicyIssue, PolicyLoadError
 from authz.policy_store import PolicyStore, ServedPolicies
 from authz.rego_engine import RegoResult
-from authz.rego_hazards import directory_crash_hazards
 from authz.rego_tests import RegoTestOutcome, RegoTestResult, run_rego_tests
 from authz.request_test_file import RequestTest, load_request_test, load_request_tests
 from authz.request_tests import (
@@ -75,7 +74,7 @@ class Harness:
 
 
 def harness(config: Config, directory: Path) -> Harness:
-    """``directory`` loaded (problems in ``store.issues``); a Rego crash hazard is not loaded."""
+    """``directory`` loaded (problems in ``store.issues``)."""
     sink = MemorySink()
     store, servicer = build_authz(
         config, policies=directory, sink=sink, registry=CollectorRegistry()
@@ -85,10 +84,7 @@ def harness(config: Config, directory: Path) -> Harness:
 
 
 def load_harness(config: Config, directory: Path) -> Harness:
-    """``directory`` loaded, or PolicyLoadError with every problem (crash hazards first)."""
-    hazards = directory_crash_hazards(directory / "rego")
-    if hazards:
-        raise PolicyLoadError(hazards)
+    """``directory`` loaded, or PolicyLoadError with every problem."""
     loaded = harness(config, directory)
     if loaded.store.current is None or loaded.store.issues:
         raise PolicyLoadError(loaded.store.issues)
@@ -212,11 +208,6 @@ def run_policy_tests(config: Config, directory: Path) -> PolicyTestReport:
         tests = load_request_tests(directory / "tests")
     except PolicyLoadError as exc:
         issues.extend(exc.issues)
-    hazards = directory_crash_hazards(directory / "rego")
-    if hazards:
-        # Loading would kill this process; the problems say what to rename or rewrite.
-        report.issues = list(dict.fromkeys([*issues, *hazards]))
-        return report
     loaded = harness(config, directory)
     issues.extend(loaded.store.issues)
     if loaded.store.current is not None and not loaded.store.issues:

@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from authz.errors import PolicyIssue
 from authz.rego_engine import RegoModule
-from authz.rego_hazards import WHOLE_INPUT_MESSAGE, crash_hazards, directory_crash_hazards
 from authz.rego_tests import RegoTestOutcome, RegoTestRun, find_rego_tests, run_rego_tests
 
 POLICY = """\
@@ -115,7 +113,7 @@ test_also_fine if {
     found = outcomes(run(tmp_path, tests))
     outcome, detail = found["test_conflict"]
     assert outcome is RegoTestOutcome.ERRORED
-    assert "eval_conflict_error" in detail
+    assert "rule conflicts" in detail
     assert found["test_fine"] == (RegoTestOutcome.PASSED, "")
     assert found["test_also_fine"] == (RegoTestOutcome.PASSED, "")
 
@@ -232,43 +230,34 @@ def test_a_broken_test_module_is_reported_once_with_its_place(
     assert message in issue.message
 
 
-def test_with_whole_input_is_refused_instead_of_crashing(tmp_path: Path) -> None:
+def test_with_whole_input_replaced(tmp_path: Path) -> None:
+    # rego-cpp 1.5 killed the process compiling this; regorus runs it as OPA does.
     tests = """\
 package envoy.authz_test
 
 import data.envoy.authz
 
-# `with input as` in a comment is fine
-test_admin if authz.allow with input as {"user": "alice"}
+test_whole_input if authz.allow with input as {"user": "alice"}
 
 test_string if "with input as" == "with input as"
 """
     result = run(tmp_path, tests)
-    assert result.results == ()
-    assert result.issues == (
-        PolicyIssue(str(tmp_path / "policy_test.rego"), 0, "", WHOLE_INPUT_MESSAGE, 6),
-    )
+    assert result.issues == ()
+    assert [(r.test.rule, r.outcome) for r in result.results] == [
+        ("test_whole_input", RegoTestOutcome.PASSED),
+        ("test_string", RegoTestOutcome.PASSED),
+    ]
 
 
-def test_functions_of_one_name_and_two_arities_are_refused(tmp_path: Path) -> None:
+def test_functions_of_one_name_and_two_arities_in_two_packages(tmp_path: Path) -> None:
     one = "package a_test\n\nrequest(x) := x\n\ntest_a if request(1) == 1\n"
     two = "package b_test\n\nrequest(x, y) := x\n\ntest_b if request(1, 2) == 1\n"
     result = run(tmp_path, one, **{"b_test.rego": two})
-    assert result.results == ()
-    assert sorted((Path(i.file).name, i.line) for i in result.issues) == [
-        ("b_test.rego", 3),
-        ("policy_test.rego", 3),
+    assert result.issues == ()
+    assert sorted((r.test.rule, r.outcome) for r in result.results) == [
+        ("test_a", RegoTestOutcome.PASSED),
+        ("test_b", RegoTestOutcome.PASSED),
     ]
-    assert "rename one of them" in result.issues[0].message
-
-
-def test_same_arity_or_same_package_is_not_a_hazard() -> None:
-    modules = [
-        RegoModule("a.rego", "package a\n\nf(x) := x\n"),
-        RegoModule("b.rego", "package b\n\nf(y) := y\n"),
-        RegoModule("c.rego", 'package c\n\ng(x, y) := x\n\nh := "f(1, 2)"\n'),
-    ]
-    assert crash_hazards(modules) == []
 
 
 def test_find_rego_tests_reads_rule_heads() -> None:
@@ -285,25 +274,6 @@ def test_find_rego_tests_reads_rule_heads() -> None:
         ("a.b_test.test_one", 3),
         ("a.b_test.test_two", 7),
     ]
-
-
-def test_directory_hazards_cover_policy_and_test_modules(tmp_path: Path) -> None:
-    write(
-        tmp_path,
-        {
-            "a.rego": "package a\n\nf(x) := x\n",
-            "b/b.rego": "package b\n\nf(x, y) := x\n",
-            "t_test.rego": "package t\n\ntest_x if data.a.f(1) with input as {}\n",
-            ".hidden/c.rego": "package c\n\nf(x, y, z) := x\n",
-        },
-    )
-    found = directory_crash_hazards(tmp_path)
-    assert sorted((Path(i.file).name, i.line) for i in found) == [
-        ("a.rego", 3),
-        ("b.rego", 3),
-        ("t_test.rego", 3),
-    ]
-    assert directory_crash_hazards(tmp_path / "missing") == []
 
 
 def test_tests_in_the_policys_own_packages(tmp_path: Path) -> None:

@@ -161,15 +161,13 @@ def test_a_malformed_test_file(policies: Path) -> None:
     )
 
 
-def test_rego_that_would_crash_the_engine_is_refused(policies: Path) -> None:
-    # rego-cpp aborts the process compiling this; meshward must say so and exit 1.
+def test_one_function_name_with_two_arities_in_two_packages(policies: Path) -> None:
+    # rego-cpp 1.5 aborted the process compiling this (it was refused); regorus runs it.
     extra = policies / "rego" / "lib" / "strings.rego"
     extra.parent.mkdir()
     extra.write_text("package lib.strings\n\nrequest(x) := x\n")
     result = run_cli("policy", "test", policies)
-    assert result.returncode == 1, result.describe()
-    assert f"error: {extra}:3: function lib.strings.request takes 1 argument(s)" in result.stdout
-    assert "rename one of them" in result.stdout
+    assert result.returncode == 0, result.describe()
 
 
 def test_the_readme_example_is_a_passing_test(policies: Path) -> None:

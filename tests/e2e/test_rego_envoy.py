@@ -682,12 +682,6 @@ def test_global_dry_run_records_what_rego_would_do_and_never_denies(mesh: Mesh) 
     assert record["dry_run"]["meshward_rego_dry_run_result"] == "allowed", record
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rego-cpp fails evaluating io.jwt.verify_hs256/io.jwt.decode on a token with a "
-    "one-character segment (wellformed_error: basic_string_view::at), so the request is "
-    "denied with eval_error; OPA leaves the call undefined and the policy answers 401",
-)
 def test_a_malformed_token_gets_the_policys_401_as_with_opa(mesh: Mesh) -> None:
     refused = mesh.always.request("GET", "/admin/users", headers=bearer("a.b.c"))
     assert refused.text == NO_TOKEN_BODY

@@ -1,0 +1,216 @@
+"""OPA's ``io.jwt`` built-ins, which regorus lacks, on PyJWT's algorithms and ``cryptography``.
+
+Each function here raises ``BuiltinError`` where OPA's built-in returns an error; the
+Rego wrapper (``authz.rego_builtins``) turns that into an undefined call, as OPA does
+when it evaluates without ``--strict-builtin-errors``. What OPA answers with a value
+(``false``, or ``[false, {}, {}]``) is answered with that value.
+
+Keys, as OPA takes them: for HMAC the secret as a string; otherwise a PEM certificate,
+a PEM public key, a JWK or a JWK set (JSON text). With a set, a token verifies when
+any key of it does.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from jwt.algorithms import get_default_algorithms
+
+__all__ = ["BuiltinError", "decode", "decode_verify", "verify"]
+
+
+class BuiltinError(Exception):
+    """The built-in fails: OPA reports an error, which leaves the call undefined."""
+
+
+_ALGORITHMS = get_default_algorithms()
+VERIFY_ALGORITHMS = (
+    "HS256",
+    "HS384",
+    "HS512",
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+)
+
+
+def _b64(segment: str, what: str) -> bytes:
+    if not segment:
+        raise BuiltinError(f"{what} is empty")
+    try:
+        return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise BuiltinError(f"{what} is not base64url: {exc}") from None
+
+
+def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BuiltinError(f"{what} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise BuiltinError(f"{what} is not a JSON object")
+    return value
+
+
+class _Token:
+    __slots__ = ("header", "payload", "signature", "signed")
+
+    def __init__(self, text: Any) -> None:
+        if not isinstance(text, str):
+            raise BuiltinError("the token is not a string")
+        parts = text.split(".")
+        if len(parts) == 5:
+            raise BuiltinError("JWE tokens are not supported")
+        if len(parts) != 3:
+            raise BuiltinError("a JWT has three segments")
+        self.header = _json_object(_b64(parts[0], "the JWT header"), "the JWT header")
+        self.payload = _b64(parts[1], "the JWT payload")
+        self.signature = base64.urlsafe_b64decode(parts[2] + "=" * (-len(parts[2]) % 4))
+        self.signed = f"{parts[0]}.{parts[1]}".encode()
+
+    def claims(self) -> dict[str, Any]:
+        # A nested token (cty: JWT) carries another JWT as its payload; OPA decodes it.
+        if str(self.header.get("cty", "")).upper() == "JWT":
+            return _Token(self.payload.decode("utf-8", "replace")).claims()
+        return _json_object(self.payload, "the JWT payload")
+
+
+def decode(token: Any) -> list[Any]:
+    """``io.jwt.decode(jwt)``: ``[header, payload, signature as hex]``, unverified."""
+    parsed = _Token(token)
+    return [parsed.header, parsed.claims(), parsed.signature.hex()]
+
+
+def verify(algorithm: str) -> Callable[[Any, Any], bool]:
+    """``io.jwt.verify_<alg>(jwt, key)``: whether the signature is valid under ``key``."""
+
+    def builtin(token: Any, key: Any) -> bool:
+        parsed = _Token(token)
+        return _signature_valid(parsed, algorithm, key)
+
+    builtin.__name__ = f"verify_{algorithm.lower()}"
+    return builtin
+
+
+def _signature_valid(token: _Token, algorithm: str, key: Any) -> bool:
+    if not isinstance(key, str):
+        raise BuiltinError("the key is not a string")
+    implementation = _ALGORITHMS[algorithm]
+    for prepared in _keys(algorithm, key):
+        try:
+            if implementation.verify(token.signed, prepared, token.signature):
+                return True
+        except (ValueError, TypeError):
+            continue
+    return False
+
+
+def _keys(algorithm: str, key: str) -> Iterator[Any]:
+    if algorithm.startswith("HS"):
+        yield key.encode()
+        return
+    text = key.strip()
+    if text.startswith("-----BEGIN CERTIFICATE"):
+        try:
+            certificates = x509.load_pem_x509_certificates(text.encode())
+        except ValueError as exc:
+            raise BuiltinError(f"the certificate does not parse: {exc}") from None
+        for certificate in certificates:
+            yield certificate.public_key()
+        return
+    if text.startswith("-----BEGIN"):
+        try:
+            yield load_pem_public_key(text.encode())
+        except (ValueError, TypeError) as exc:
+            raise BuiltinError(f"the public key does not parse: {exc}") from None
+        return
+    try:
+        document = json.loads(text)
+    except ValueError:
+        raise BuiltinError("the key is neither PEM nor a JWK or JWK set") from None
+    jwks = document.get("keys") if isinstance(document, dict) else None
+    members = jwks if isinstance(jwks, list) else [document]
+    for member in members:
+        if not isinstance(member, dict):
+            raise BuiltinError("a JWK is not a JSON object")
+        try:
+            yield jwt.PyJWK(member, algorithm).key
+        except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, KeyError, TypeError) as exc:
+            raise BuiltinError(f"a JWK does not parse: {exc}") from None
+
+
+_INVALID: list[Any] = [False, {}, {}]
+_CONSTRAINTS = frozenset({"alg", "cert", "secret", "iss", "aud", "time"})
+
+
+def decode_verify(
+    token: Any, constraints: Any, *, now_ns: Callable[[], int] = time.time_ns
+) -> list[Any]:
+    """``io.jwt.decode_verify(jwt, constraints)``: ``[valid, header, payload]``.
+
+    ``constraints`` as OPA reads them: ``cert`` (PEM or JWK set) or ``secret``, exactly
+    one; ``alg``, ``iss`` and ``aud`` to match; ``time`` (ns since the epoch, default
+    now) against ``exp`` and ``nbf``. A token carrying ``aud`` needs an ``aud``
+    constraint it names. Invalid is ``[false, {}, {}]``; a malformed token or
+    constraint object is an error.
+    """
+    if not isinstance(constraints, Mapping):
+        raise BuiltinError("the constraints are not an object")
+    unknown = set(constraints) - _CONSTRAINTS
+    if unknown:
+        raise BuiltinError(f"unknown constraint {sorted(unknown)[0]!r}")
+    has_cert, has_secret = "cert" in constraints, "secret" in constraints
+    if has_cert == has_secret:
+        raise BuiltinError("give exactly one of cert and secret")
+    parsed = _Token(token)
+    header_alg = parsed.header.get("alg")
+    if "alg" in constraints and constraints["alg"] != header_alg:
+        return _INVALID
+    if header_alg not in VERIFY_ALGORITHMS:
+        return _INVALID
+    if has_secret != str(header_alg).startswith("HS"):
+        return _INVALID
+    key = constraints["secret"] if has_secret else constraints["cert"]
+    if not _signature_valid(parsed, str(header_alg), key):
+        return _INVALID
+    payload = parsed.claims()
+    instant = constraints.get("time")
+    if instant is None:
+        instant = now_ns()
+    if not isinstance(instant, int | float) or isinstance(instant, bool):
+        raise BuiltinError("the time constraint is not a number")
+    seconds = instant / 1e9
+    exp, nbf = payload.get("exp"), payload.get("nbf")
+    if exp is not None and (not _number(exp) or seconds >= exp):
+        return _INVALID
+    if nbf is not None and (not _number(nbf) or seconds < nbf):
+        return _INVALID
+    if "iss" in constraints and payload.get("iss") != constraints["iss"]:
+        return _INVALID
+    audience = payload.get("aud")
+    if "aud" in constraints:
+        names = audience if isinstance(audience, list) else [audience]
+        if constraints["aud"] not in names:
+            return _INVALID
+    elif audience not in (None, "", []):
+        return _INVALID
+    return [True, parsed.header, payload]
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
