@@ -40,6 +40,8 @@ __all__ = [
 _ADDED: dict[str, Callable[..., Any]] = {
     "io.jwt.decode": rego_jwt.decode,
     "io.jwt.decode_verify": rego_jwt.decode_verify,
+    "io.jwt.encode_sign": rego_jwt.encode_sign,
+    "io.jwt.encode_sign_raw": rego_jwt.encode_sign_raw,
     **{f"io.jwt.verify_{alg.lower()}": rego_jwt.verify(alg) for alg in rego_jwt.VERIFY_ALGORITHMS},
     "crypto.md5": rego_crypto.digest("md5"),
     "crypto.sha1": rego_crypto.digest("sha1"),

@@ -70,7 +70,7 @@ from authz.rego_data import (
     rule_data_conflicts,
 )
 from authz.rego_paths import DEFAULT_DECISION_PATH, parse_decision_path, parse_package_name
-from authz.rego_scan import V0_MESSAGE, ModuleScan, RegoModule, scan
+from authz.rego_scan import V0_MESSAGE, ModuleScan, RegoModule, expand_data_aliases, scan
 from authz.regorus_binding import EngineError, Program, QueryResult
 
 __all__ = [
@@ -309,7 +309,7 @@ def _issue(error: EngineError, origin: str) -> PolicyIssue:
 
 def _build(modules: Sequence[RegoModule], data_json: str) -> Program:
     program = Program(
-        [(m.file, with_added_builtins(m.text)) for m in modules]
+        [(m.file, with_added_builtins(expand_data_aliases(m.text))) for m in modules]
         + [(BUILTINS_FILE, BUILTINS_MODULE)],
         data_json,
         EXTENSIONS,

@@ -24,7 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.algorithms import get_default_algorithms
 
-__all__ = ["BuiltinError", "decode", "decode_verify", "verify"]
+__all__ = ["BuiltinError", "decode", "decode_verify", "encode_sign", "encode_sign_raw", "verify"]
 
 
 class BuiltinError(Exception):
@@ -214,3 +214,38 @@ def decode_verify(
 
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _b64encode(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def encode_sign_raw(headers: Any, payload: Any, key: Any) -> str:
+    """``io.jwt.encode_sign_raw(headers, payload, key)``: JSON texts in, a signed JWT out.
+
+    ``key`` is a JWK as JSON text; the algorithm is the header's ``alg``.
+    """
+    if not all(isinstance(v, str) for v in (headers, payload, key)):
+        raise BuiltinError("headers, payload and key must be strings")
+    header = _json_object(headers.encode(), "the header")
+    algorithm = header.get("alg")
+    if algorithm not in VERIFY_ALGORITHMS:
+        raise BuiltinError(f"unsupported alg {algorithm!r}")
+    try:
+        jwk = json.loads(key)
+        prepared = jwt.PyJWK(jwk, algorithm).key
+    except (ValueError, jwt.PyJWKError, jwt.InvalidKeyError, KeyError, TypeError) as exc:
+        raise BuiltinError(f"the key is not a JWK: {exc}") from None
+    signing_input = f"{_b64encode(headers.encode())}.{_b64encode(payload.encode())}"
+    signature = _ALGORITHMS[algorithm].sign(signing_input.encode(), prepared)
+    return f"{signing_input}.{_b64encode(signature)}"
+
+
+def encode_sign(headers: Any, payload: Any, key: Any) -> str:
+    """``io.jwt.encode_sign(headers, payload, key)``: objects in (``key`` a JWK), a JWT out."""
+    if not all(isinstance(v, Mapping) for v in (headers, payload, key)):
+        raise BuiltinError("headers, payload and key must be objects")
+    compact = {"separators": (",", ":"), "sort_keys": True}
+    return encode_sign_raw(
+        json.dumps(headers, **compact), json.dumps(payload, **compact), json.dumps(key)
+    )

@@ -354,3 +354,34 @@ def _annotations(
         target = next((t for t in tokens if t.kind != "nl" and t.line > end), None)
         on_package = target is not None and target.text == "package"
         yield Annotation(line, on_package, textwrap.dedent("\n".join(body)))
+
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def expand_data_aliases(text: str) -> str:
+    """``text`` with each ``alias.x`` of an ``import data.…`` written as its full path.
+
+    regorus reads ``alias.x`` by evaluating the whole aliased package, which it takes
+    for a cycle when that package is the one being decided (``envoy.authz`` importing
+    a staged package that imports ``data.envoy.authz`` back); OPA reads only ``x``.
+    The full path reads only ``x`` in both.
+    """
+    aliases = scan(text).data_imports
+    if not aliases:
+        return text
+    tokens, _ = _tokenize(text)
+    out: list[str] = []
+    done = 0
+    for i, token in enumerate(tokens[:-1]):
+        if token.kind != "ident" or token.text not in aliases:
+            continue
+        if (i > 0 and tokens[i - 1].text == ".") or tokens[i + 1].text not in (".", "["):
+            continue
+        path = "data" + "".join(
+            f".{part}" if _IDENTIFIER.fullmatch(part) else f"[{json.dumps(part)}]"
+            for part in aliases[token.text]
+        )
+        out += [text[done : token.offset], path]
+        done = token.offset + len(token.text)
+    return "".join(out) + text[done:]

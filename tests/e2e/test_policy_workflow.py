@@ -63,7 +63,7 @@ def test_eval_explains_a_decision(tmp_path: Path) -> None:
     request.write_text(ADMIN_WRITE)
     text = run_cli("policy", "eval", "--request", request, POLICIES).ok().stdout
     assert "decision  allowed, reason allowed_by_policy, engine istio, policy " in text
-    assert "upstream  x-user: alice, x-roles: admin" in text
+    assert "upstream  x-roles: admin, x-user: alice" in text
     # Istio: every policy on the workload in evaluation order, with the rule that matched.
     istio = text[text.index("\nIstio\n") : text.index("\nRego\n")].splitlines()[2:]
     assert [line.split()[0] for line in istio[:3]] == ["CUSTOM", "DENY", "ALLOW"]

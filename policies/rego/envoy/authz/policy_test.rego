@@ -1,8 +1,5 @@
 # Unit tests of the admin console policy. `meshward policy test` runs every test_*
 # rule, as `opa test` does: a test passes when it is true.
-#
-# Tests replace input.attributes, not the whole input: `with input as` makes rego-cpp
-# abort when the rule under test uses other rules (meshward refuses it for that reason).
 package envoy.authz_test
 
 import data.envoy.authz

@@ -1,6 +1,4 @@
 # The staged package is tested like any other: tests see every package, staged or not.
-# Helper functions are named apart from envoy.authz_test's: rego-cpp cannot compile two
-# functions of one name with different arities in different packages.
 package envoy.authz.mfa_test
 
 import data.envoy.authz
