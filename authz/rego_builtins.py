@@ -161,6 +161,8 @@ def call_problems(
             root = call.name.split(".", 1)[0]
             if root in ("data", "input") or root in scan.aliases or call.name in local:
                 continue  # a function some module defines (or a mistake regorus reports)
+            if call.name == "set" and call.argc == 0:
+                continue  # the empty set, not a call
             message = _problem(call.name, call.argc, known)
             if message is not None:
                 problems.append(PolicyIssue(file, 0, "", message, call.line))

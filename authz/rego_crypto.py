@@ -75,13 +75,15 @@ _NAME_LISTS = {
 
 
 def parse_certificates(certs: Any) -> list[dict[str, Any]]:
-    """``crypto.x509.parse_certificates(certs)``: PEM (one or more) or base64 DER."""
+    """``crypto.x509.parse_certificates(certs)``: PEM (one or more), or base64 DER or PEM."""
     raw = _text(certs, "the certificates")
     try:
-        if b"-----BEGIN" in raw:
+        if not raw.startswith(b"-----BEGIN"):
+            raw = base64.b64decode(raw, validate=True)  # DER, or PEM, in base64
+        if raw.startswith(b"-----BEGIN"):
             found = x509.load_pem_x509_certificates(raw)
         else:
-            found = [x509.load_der_x509_certificate(base64.b64decode(raw, validate=True))]
+            found = [x509.load_der_x509_certificate(raw)]
     except (ValueError, binascii.Error) as exc:
         raise BuiltinError(f"the certificates do not parse: {exc}") from None
     return [_certificate(certificate) for certificate in found]
