@@ -38,7 +38,9 @@ Evaluation facts (see ``authz.regorus_binding``):
   The built-ins meshward adds (``io.jwt.*``, ``crypto.*``) follow OPA's default.
 - Evaluation holds the GIL and regorus's Python binding exposes no execution limit. A
   timeout therefore discards a late result (the request is denied with ``timeout``)
-  but cannot stop the evaluation before it ends.
+  but cannot stop the evaluation before it ends; ``watch_evaluations`` lets the server
+  hand each evaluation's start and end to a watchdog that bounds the stall
+  (``meshward.rego_watchdog``).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from authz.errors import PolicyIssue, PolicyLoadError
 from authz.policy_files import list_files, read_files
@@ -88,6 +90,7 @@ __all__ = [
     "load_rego_policies",
     "load_rego_sources",
     "parse_decision_path",
+    "watch_evaluations",
 ]
 
 
@@ -391,6 +394,23 @@ def _dry_run_function_calls(
 # -- evaluation -----------------------------------------------------------------------
 
 
+class EvaluationWatch(Protocol):
+    """Told when an evaluation starts and ends (``meshward.rego_watchdog``)."""
+
+    def started(self) -> None: ...
+
+    def finished(self) -> None: ...
+
+
+_watch: EvaluationWatch | None = None
+
+
+def watch_evaluations(watch: EvaluationWatch | None) -> None:
+    """Report every evaluation of this process to ``watch`` (None: to nobody)."""
+    global _watch
+    _watch = watch
+
+
 class RegoEngine:
     """A compiled policy set: its programs, evaluated by any number of threads.
 
@@ -458,7 +478,15 @@ class RegoEngine:
         self, program: Program, input_document: Mapping[str, Any], timeout: float | None
     ) -> RegoResult:
         started = self._clock()
-        answer: QueryResult = program.query(self.decision, input_document)
+        watch = _watch
+        if watch is None:
+            answer: QueryResult = program.query(self.decision, input_document)
+        else:
+            watch.started()
+            try:
+                answer = program.query(self.decision, input_document)
+            finally:
+                watch.finished()
         if timeout is not None and self._clock() - started > timeout:
             return self._failed(
                 "timeout", f"the decision took longer than {timeout:g} s and was discarded"

@@ -36,6 +36,7 @@ from audit.sink import AuditSink
 from authz.client_identity import AllowedClients
 from authz.policy_store import PolicyStore, ServedPolicies
 from authz.rbac_versions import ChainVersions
+from authz.rego_engine import watch_evaluations
 from authz.rego_provider import RegoSettings
 from authz.server import AuthorizationServicer
 from authz.workload_svid import SvidCredentials, WorkloadSvidWatcher
@@ -45,6 +46,7 @@ from meshward.authz_telemetry import ACCESS_LOG_SERVICE, AuthzTelemetry
 from meshward.config import AuthzTLSConfig, Config, ConfigError
 from meshward.durations import format_duration
 from meshward.lifeline import watch as lifeline_watch
+from meshward.rego_watchdog import RegoWatchdog
 from meshward.runtime import _listen_tcp, _Server, _uvicorn_config
 
 __all__ = ["AuthzStatus", "GrpcAddress", "build_authz", "grpc_address", "run_authz"]
@@ -382,6 +384,9 @@ async def _serve(
         ).set_function(
             lambda: credentials.current.not_after.timestamp() if credentials.current else 0
         )
+    # Ten times the timeout: a late result is already denied; this frees the process.
+    watchdog = RegoWatchdog(10 * config.authz.rego.timeout.total_seconds())
+    watch_evaluations(watchdog)
     health = health_aio.HealthServicer()
     # SERVING only once a policy set is loaded: Envoy must not send traffic before.
     await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -441,6 +446,8 @@ async def _serve(
         telemetry.ledger.save()  # receipts of streams that ended after its last save
         shipper.cancel()
         await asyncio.gather(shipper, return_exceptions=True)
+        watch_evaluations(None)
+        watchdog.close()
 
 
 async def _first_svid(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -654,3 +655,55 @@ def test_sidecar_bootstrap_with_authz_over_mtls_is_a_valid_envoy_config(root: Pa
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# -- a Rego policy that explodes ------------------------------------------------------------
+
+EXPLODING = """\
+package envoy.authz
+
+# 25 million iterations: seconds of evaluation holding the GIL, and almost no memory.
+allow if {
+\tsome i in numbers.range(1, 5000)
+\tsome j in numbers.range(1, 5000)
+\ti * j == -1
+}
+"""
+
+
+def test_an_exploding_rego_policy_gets_the_process_killed_not_stalled(root: Path) -> None:
+    (root / "policies" / "istio").mkdir(parents=True)
+    (root / "policies" / "istio" / "reviews.yaml").write_text(ALLOW_GET)
+    (root / "policies" / "rego" / "envoy" / "authz").mkdir(parents=True)
+    (root / "policies" / "rego" / "envoy" / "authz" / "policy.rego").write_text(EXPLODING)
+    policies = root / "policies"
+    health_port = free_port()
+    listen = f"127.0.0.1:{free_port()}"
+    log = root / "authz.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            authz_args(policies, listen, root / "authz-data"),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=cli_env(
+                MESHWARD_AUTHZ__HEALTH_LISTEN=f"127.0.0.1:{health_port}",
+                MESHWARD_AUTHZ__REGO__MODE="always",
+                MESHWARD_AUTHZ__REGO__TIMEOUT="20ms",  # killed after 200 ms of one evaluation
+            ),
+        )
+    authz = Authz(process, log, listen, health_port, root / "authz-data")
+    try:
+        with grpc.insecure_channel(listen) as channel:
+            authz.wait_for(lambda: grpc_serving(channel))
+            stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+            with pytest.raises(grpc.RpcError) as failed:
+                stub.Check(check(PRODUCTPAGE, "GET", "/reviews/1"), timeout=DEADLINE)
+            # The call fails: whoever sent it (Envoy) denies, as it does for any
+            # ext_authz failure. The process is gone instead of stalled.
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert process.wait(DEADLINE) == -signal.SIGKILL
+        assert "a Rego evaluation has run longer than 0.2 s" in authz.text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
