@@ -28,8 +28,9 @@ engines read), then for Rego ``build_input`` (OPA-Envoy's input document), the e
 (``CheckRequest`` → ``CheckResponse``, decision record into a ``MemorySink``) from
 ``build_authz``: the Istio policy alone, and the Rego policy alone with
 ``authz.rego.mode: always``. ``(floor)`` is the evaluation of ``allow := true`` over the
-same input: what handing the document to rego-cpp and one query cost whatever the
-policy. Each measurement runs ``--rounds`` times, the measurements interleaved round by
+same input: what handing the document to regorus and one query cost whatever the
+policy. ``rego-cpp`` is the previous engine on the same input, when ``regopy`` is
+installed (``pip install regopy==1.5.2``). Each measurement runs ``--rounds`` times, the measurements interleaved round by
 round so Istio and Rego see the same machine; the median round is printed.
 
 **Through Envoy** (unless ``--skip-envoy``), for each policy and engine in turn:
@@ -430,8 +431,18 @@ def agree(policy: Policy, istio: Authz, rego: Authz) -> None:
         authz.sink.records.clear()
 
 
-STAGES = ("view", "input", "eval", "floor", "interpret", "istio", "decide istio", "decide rego")
-# What any evaluation costs: handing the input document to rego-cpp and one query.
+STAGES = (
+    "view",
+    "input",
+    "eval",
+    "floor",
+    "rego-cpp",
+    "interpret",
+    "istio",
+    "decide istio",
+    "decide rego",
+)
+# What any evaluation costs: handing the input document to the engine and one query.
 FLOOR = RegoModule("floor.rego", "package envoy.authz\n\nallow := true\n")
 
 
@@ -449,6 +460,7 @@ def stages(policy: Policy, istio: Authz, rego: Authz) -> dict[str, Callable[[], 
     result = engine.evaluate_enforced(document, timeout=timeout).result
     assert interpret(result).allowed
     floor = compile_rego([FLOOR])
+    previous = rego_cpp(policy, document)
     return {
         "view": lambda: build_view(request),
         "input": lambda: build_input(
@@ -456,11 +468,47 @@ def stages(policy: Policy, istio: Authz, rego: Authz) -> dict[str, Callable[[], 
         ),
         "eval": lambda: engine.evaluate_enforced(document, timeout=timeout),
         "floor": lambda: floor.evaluate_enforced(document, timeout=timeout),
+        "rego-cpp": previous or (lambda: None),
         "interpret": lambda: interpret(result),
         "istio": lambda: evaluate(istio.served.istio, view),
         "decide istio": lambda: istio.servicer.decide(request),
         "decide rego": lambda: rego.servicer.decide(request),
     }
+
+
+def rego_cpp(policy: Policy, document: Mapping[str, Any]) -> Callable[[], object] | None:
+    """The same evaluation on meshward's previous engine (regopy, if installed), or None.
+
+    Through regopy's own API (JSON text in, JSON text out), which is close to what
+    meshward's C-API path cost; the issue's clean run measured 216 µs and 12 ms there.
+    """
+    try:
+        import regopy  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return None
+    interpreter = regopy.Interpreter()
+    data: dict[str, Any] = {}
+    for relative, text in policy.rego.items():
+        if relative.endswith(".rego"):
+            interpreter.add_module(relative, text)
+            continue
+        node = data
+        for part in Path(relative).parent.parts:
+            node = node.setdefault(part, {})
+        node.update(json.loads(text))
+    interpreter.add_data_json(json.dumps(data))
+    text = json.dumps(document)
+
+    def evaluate() -> object:
+        interpreter.set_input_term(text)
+        return interpreter.query("data.envoy.authz.allow")
+
+    answer = str(evaluate())
+    if '"allowed":true' not in answer.replace(" ", "") and "[true]" not in answer:
+        raise RuntimeError(
+            f"rego-cpp does not allow the measured request of {policy.name}: {answer}"
+        )
+    return evaluate
 
 
 def per_call_us(fn: Callable[[], object], seconds: float) -> float:
@@ -502,21 +550,24 @@ def report_in_process(policies: list[Policy], us: dict[str, dict[str, float]]) -
     print("-- in process: µs per decision (median round) --")
     print(
         f"{'policy':<7} {'view':>6} | {'Rego input':>10} {'eval':>8} {'(floor)':>8} "
-        f"{'interpret':>9} {'= Rego':>8} | {'Istio':>7} | {'Rego/Istio':>10}"
+        f"{'interpret':>9} {'= Rego':>8} | {'Istio':>7} | {'Rego/Istio':>10} | {'rego-cpp':>9}"
     )
     for policy in policies:
         u = us[policy.name]
         rego = u["input"] + u["eval"] + u["interpret"]
+        previous = f"{u['rego-cpp']:>9.1f}" if u["rego-cpp"] > 1 else f"{'-':>9}"
         print(
             f"{policy.name:<7} {u['view']:>6.1f} | {u['input']:>10.1f} {u['eval']:>8.1f} "
             f"{u['floor']:>8.1f} {u['interpret']:>9.2f} {rego:>8.1f} | {u['istio']:>7.1f} | "
-            f"{rego / u['istio']:>10.2f}"
+            f"{rego / u['istio']:>10.2f} | {previous}"
         )
     print(
         "view: build_view, which both engines need (not in Rego/Istio); input: build_input; "
-        "eval: evaluate_enforced;\n(floor): the same evaluation of `allow := true` over the "
-        "same input, i.e. handing the input to rego-cpp and one query;\n"
-        "interpret: decision value -> RegoDecision; Istio: istio_engine.evaluate"
+        "eval: evaluate_enforced (regorus);\n(floor): the same evaluation of `allow := true` "
+        "over the same input, i.e. handing the input to regorus and one query;\n"
+        "interpret: decision value -> RegoDecision; Istio: istio_engine.evaluate;\n"
+        "rego-cpp: the previous engine's input and evaluation (regopy's API; '-': regopy not "
+        "installed, pip install regopy==1.5.2)"
     )
     print()
     print("-- in process: servicer decide(), CheckRequest -> CheckResponse, µs --")
@@ -833,7 +884,7 @@ def denials(data_dir: Path, since: dt.datetime) -> dict[str, int]:
     filters = Filters(since_us=int(since.timestamp() * 1e6), allowed=False)
     try:
         with db.engine.connect() as conn:
-            return {row["value"]: row["count"] for row in top(conn, filters, by="reason")}
+            return {row["value"]: row["count"] for row in top(conn, filters, by="reason").rows}
     except OperationalError:
         return {}
     finally:
@@ -927,6 +978,7 @@ def main() -> None:
             f"machine  : {os.cpu_count()} cores, load average "
             + " ".join(f"{x:.2f}" for x in os.getloadavg())
             + f" (1/5/15 min) before; Python {platform.python_version()}, "
+            f"gordon-to-regorus {_package_version('gordon-to-regorus')}, "
             f"regopy {_package_version('regopy')}, meshward {_package_version('meshward')}"
         )
         started = time.perf_counter()
