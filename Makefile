@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint fuzz bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ lint: $(VENV)/.installed-test
 
 test: lint
 	$(BIN)/pytest
+
+# The fuzz targets (tests/fuzz/) with many random inputs; `make test` runs them bounded.
+fuzz: $(VENV)/.installed-test
+	MESHWARD_FUZZ_PROFILE=fuzz $(BIN)/pytest tests/fuzz
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/issuance.py
