@@ -277,7 +277,19 @@ def create_admin_app(admin: IdentityAdmin, *, registry: Any, ready: ReadyCheck) 
             capped=issued.capped,
         )
 
-    @app.get("/v1/bundle", response_model=None)
+    @app.get(
+        "/v1/bundle",
+        response_model=None,
+        responses={
+            200: {
+                "description": "The trust bundle: a JWKS (format=jwks) or PEM (format=pem)",
+                "content": {
+                    "application/json": {"schema": {"type": "object"}},
+                    "application/x-pem-file": {"schema": {"type": "string"}},
+                },
+            }
+        },
+    )
     def bundle(
         format: Annotated[Literal["pem", "jwks"], Query()] = "jwks",
     ) -> PlainTextResponse | dict[str, Any]:
