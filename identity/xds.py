@@ -21,9 +21,11 @@ stream and resends the state once.
 
 ACK and NACK (xDS protocol, "ACK/NACK and resource type instance version"): a request
 whose ``response_nonce`` is our last nonce acknowledges that response; with
-``error_detail`` set it rejects it. A rejected version is logged and counted and never
-sent again on that stream: only content that differs from it is pushed, and the client
-keeps what it had. A state of the world request with an older nonce is stale and
+``error_detail`` set it rejects it. A rejected version is logged and counted and not sent
+again in reply: only content that differs from it is pushed, and the client keeps what it
+had. (Once other content has been sent, a later change back to the rejected content is
+sent again; the fuzz target in tests/fuzz/test_fuzz_xds_stream.py found the earlier
+wording here claimed more.) A state of the world request with an older nonce is stale and
 ignored (the client will answer the newer response); a delta request with an older nonce
 still carries subscription changes, so only its ACK/NACK meaning is dropped. Each stream
 keeps ``acked`` (the version the client last accepted) and ``rejected`` (the last
