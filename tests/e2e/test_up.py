@@ -4,6 +4,7 @@ next start."""
 
 from __future__ import annotations
 
+import ipaddress
 import signal
 import time
 from pathlib import Path
@@ -109,3 +110,80 @@ def test_up_runs_every_part_and_a_signal_stops_the_whole_tree(root: Path) -> Non
             assert not [p for p, t in tree.items() if _alive(p, t)], "orphaned processes"
         finally:
             up.kill()
+
+
+def _listening(pids: set[int]) -> set[str]:
+    """Every socket the processes ``pids`` listen on: ``tcp HOST:PORT`` or ``unix PATH``."""
+    inodes: set[str] = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                target = fd.readlink().name
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    found: set[str] = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                continue
+            address, port = fields[1].split(":")
+            # Words of 4 bytes, each in host (little-endian) order.
+            raw = b"".join(
+                bytes.fromhex(address[i : i + 8])[::-1] for i in range(0, len(address), 8)
+            )
+            ip = ipaddress.ip_address(raw)
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            found.add(f"tcp {ip}:{int(port, 16)}")
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        # Flags 00010000: __SO_ACCEPTCON, a listening socket.
+        if len(fields) >= 8 and fields[6] in inodes and int(fields[3], 16) & 0x10000:
+            found.add(f"unix {fields[7]}")
+    return found
+
+
+def test_nothing_listens_but_what_the_readme_lists(root: Path) -> None:
+    names = ("server", "node", "attestation", "agent", "authz", "authz_health", "audit")
+    ports = {name: free_port() for name in names}
+    config = root / "meshward.yaml"
+    config.write_text(
+        f"server:\n  health_listen: 127.0.0.1:{ports['server']}\n"
+        f"  node_listen: 127.0.0.1:{ports['node']}\n"
+        f"  attestation_listen: 127.0.0.1:{ports['attestation']}\n"
+        f"agent:\n  health_listen: 127.0.0.1:{ports['agent']}\n"
+        f"  server_address: 127.0.0.1:{ports['node']}\n"
+        f"  attestation_address: 127.0.0.1:{ports['attestation']}\n"
+        f"authz:\n  listen: 127.0.0.1:{ports['authz']}\n"
+        f"  health_listen: 127.0.0.1:{ports['authz_health']}\n"
+        f"audit:\n  listen: 127.0.0.1:{ports['audit']}\n"
+    )
+    data_dir = root / "data"
+    up = ServerProcess(
+        args=server_args("up", data_dir, config, ["--policies", POLICIES]),
+        data_dir=data_dir,
+        health_port=ports["server"],
+        log_dir=root / "logs",
+    ).start()
+    try:
+        up.wait_ready()
+        _wait_ok(f"http://127.0.0.1:{ports['authz_health']}/ready", up)
+        _wait_ok(f"http://127.0.0.1:{ports['audit']}/ready", up)
+        # The README's list (Data dir and security, "What listens"), with these ports.
+        expected = {f"tcp 127.0.0.1:{port}" for port in ports.values()} | {
+            f"unix {data_dir}/admin/admin.sock",
+            f"unix {data_dir}/agent.sock",
+            f"unix {data_dir}/agent/grpc.sock",
+        }
+        until = time.monotonic() + 30
+        while True:
+            found = _listening({up.process.pid, *_descendants(up.process.pid)})
+            if found >= expected or time.monotonic() > until:
+                break
+            time.sleep(0.2)
+        assert found == expected
+    finally:
+        up.kill()
