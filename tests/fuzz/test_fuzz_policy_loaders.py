@@ -119,7 +119,21 @@ def test_policy_documents_with_mangled_top_level_fields(fields: dict[str, Any]) 
     _load(yaml.safe_dump({**VALID, **fields}))
 
 
+def _alias_bomb(levels: int) -> str:
+    """A policy whose principals are nine lists of nine lists of … (9**levels strings)."""
+    lines = ['  a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for i in range(1, levels):
+        lines.append(f"  a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    return (
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+        "metadata: {name: p, namespace: default}\nanchors:\n"
+        + "\n".join(lines)
+        + f"\nspec:\n  rules:\n  - from: [{{source: {{principals: *a{levels - 1}}}}}]\n"
+    )
+
+
 @given(st.text(max_size=300))
+@example(_alias_bomb(9))  # 387 million strings if expanded: refused without expanding
 @example("a: &x [*x]")
 @example("---\n---\n")
 @example("a: !!python/object:os.system x")
