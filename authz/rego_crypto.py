@@ -84,7 +84,7 @@ def parse_certificates(certs: Any) -> list[dict[str, Any]]:
             found = x509.load_pem_x509_certificates(raw)
         else:
             found = [x509.load_der_x509_certificate(raw)]
-    except (ValueError, binascii.Error) as exc:
+    except (ValueError, binascii.Error, x509.InvalidVersion) as exc:
         raise BuiltinError(f"the certificates do not parse: {exc}") from None
     return [_certificate(certificate) for certificate in found]
 

@@ -131,7 +131,7 @@ def _keys(algorithm: str, key: str, header: Mapping[str, Any]) -> Iterator[Any]:
     if text.startswith("-----BEGIN CERTIFICATE"):
         try:
             certificates = x509.load_pem_x509_certificates(text.encode())
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
             raise BuiltinError(f"the certificate does not parse: {exc}") from None
         for certificate in certificates:
             yield certificate.public_key()

@@ -373,7 +373,7 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: IdentityError
 def _certs(pem: str, field: str) -> list[x509.Certificate]:
     try:
         return x509.load_pem_x509_certificates(pem.encode())
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is no ValueError
         raise InvalidInputError("no PEM certificate", field=field) from exc
 
 

@@ -78,7 +78,9 @@ def public_key_from_csr(data: bytes) -> PublicKey:
             if data.lstrip().startswith(b"-----")
             else x509.load_der_x509_csr(data)
         )
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
+        # InvalidVersion is not a ValueError: a CSR whose version is not 0 (found by
+        # tests/fuzz/test_fuzz_identity.py) otherwise escaped as an internal error.
         raise InvalidCSRError(
             f"not a PKCS#10 certificate signing request ({exc})", field="csr"
         ) from exc

@@ -92,8 +92,51 @@ def test_csrs_with_bytes_replaced(edits: list[tuple[int, bytes]]) -> None:
     assert error is None or error.field == "csr"
 
 
+def test_a_csr_of_another_version_is_refused_as_a_csr_problem() -> None:
+    # Found by test_csrs_with_bytes_replaced: cryptography raises InvalidVersion, which
+    # is not a ValueError, and it escaped as an internal error.
+    at = CSR.index(b"\x02\x01\x00")  # the version, INTEGER 0
+    error = refusal(lambda: public_key_from_csr(CSR[:at] + b"\x02\x01\x01" + CSR[at + 3 :]))
+    assert error is not None
+    assert error.field == "csr"
+    assert "not a valid CSR version" in str(error)
+
+
 @given(st.binary(max_size=200))
 @example(b"-----BEGIN CERTIFICATE REQUEST-----\n-----END CERTIFICATE REQUEST-----\n")
 def test_csr_bytes(data: bytes) -> None:
     error = refusal(lambda: public_key_from_csr(data))
     assert error is None or error.field == "csr"
+
+
+def test_an_x509pop_certificate_of_another_version_is_an_input_error() -> None:
+    # The same cryptography exception as for CSRs, on a chain an attesting agent sends
+    # before it is authenticated.
+    import base64
+    import datetime as dt
+
+    from identity.node_api import _certs
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([])
+    der = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
+        .not_valid_after(dt.datetime(2027, 1, 1, tzinfo=dt.UTC))
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+    at = der.index(b"\xa0\x03\x02\x01\x02")  # [0] EXPLICIT version v3
+    der = der[:at] + b"\xa0\x03\x02\x01\x05" + der[at + 5 :]
+    pem = (
+        "-----BEGIN CERTIFICATE-----\n"
+        + base64.encodebytes(der).decode()
+        + "-----END CERTIFICATE-----\n"
+    )
+    error = refusal(lambda: _certs(pem, "x509pop"))
+    assert error is not None
+    assert error.field == "x509pop"
