@@ -23,13 +23,15 @@ from spiffe._proto import workload_pb2, workload_pb2_grpc
 from identity.ecds import ExtensionConfigDiscoveryServicer, add_ecds_servicer
 from identity.extension_configs import ExtensionConfigSource
 from identity.handshake_offload import HandshakeOffload
-from identity.peer_front import PeerFront
+from identity.peer_front import MAX_CONNECTIONS_PER_UID, PeerFront
 from identity.sds import SecretDiscoveryServicer, add_sds_servicer
 from identity.workload_api import JwtSigner, WorkloadAPI
 from identity.workload_attestation import ProcessAttestor, WorkloadAttestor
 from identity.workload_cache import WorkloadSource
 
-__all__ = ["AgentEndpoints"]
+__all__ = ["MAX_STREAMS", "AgentEndpoints"]
+
+MAX_STREAMS = 100  # per connection to the agent socket
 
 _WORKLOAD_SERVICE = workload_pb2.DESCRIPTOR.services_by_name["SpiffeWorkloadAPI"].full_name
 _SDS_SERVICE = sds_pb2.DESCRIPTOR.services_by_name["SecretDiscoveryService"].full_name
@@ -51,13 +53,19 @@ class AgentEndpoints:
         offload: HandshakeOffload | None = None,
         extension_configs: ExtensionConfigSource | None = None,
         no_extension_configs: str = "this agent serves no extension configs",
+        max_connections_per_uid: int = MAX_CONNECTIONS_PER_UID,
     ) -> None:
         """``extension_configs`` is what ECDS serves; without it ECDS refuses every call
         with ``no_extension_configs`` (which should say how to configure it)."""
         self.socket = socket
         self._private_dir = private_dir
         self._inner = private_dir / "grpc.sock"
-        self.front = PeerFront(listen=socket, upstream=self._inner, tag_dir=private_dir / "peers")
+        self.front = PeerFront(
+            listen=socket,
+            upstream=self._inner,
+            tag_dir=private_dir / "peers",
+            max_per_uid=max_connections_per_uid,
+        )
         self.attestor = WorkloadAttestor(self.front, attestors)
         self._source = source
         self._sign_jwt = sign_jwt
@@ -78,7 +86,9 @@ class AgentEndpoints:
         self._private_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self._private_dir, 0o700)
         self._inner.unlink(missing_ok=True)
-        server = grpc.aio.server()
+        # Streams one connection may hold (grpc's default is unbounded): with the front's
+        # per-uid connection limit, what one local user can make the agent hold is bounded.
+        server = grpc.aio.server(options=[("grpc.max_concurrent_streams", MAX_STREAMS)])
         workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(  # type: ignore[no-untyped-call]
             WorkloadAPI(attestor=self.attestor, source=self._source, sign_jwt=self._sign_jwt),
             server,

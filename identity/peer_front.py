@@ -18,23 +18,38 @@ import itertools
 import logging
 import os
 import socket
+from collections import Counter
 from pathlib import Path
 
 from identity.errors import AttestationError
 from identity.peers import PROC, Peer, peer_of
 
-__all__ = ["BACKLOG", "PeerFront"]
+__all__ = ["BACKLOG", "MAX_CONNECTIONS_PER_UID", "PeerFront"]
 
 log = logging.getLogger(__name__)
 _CHUNK = 64 * 1024
 # asyncio's default of 100 refuses all but the first hundred workloads that reconnect at
 # once after an agent restart (bench/fanout.py --burst); the kernel caps it at somaxconn.
 BACKLOG = 4096
+# Connections one uid may hold open at once (agent.max_connections_per_uid): any local user
+# may connect, and each connection costs the agent a relay and an upstream connection.
+MAX_CONNECTIONS_PER_UID = 256
 
 
 class PeerFront:
-    def __init__(self, *, listen: Path, upstream: Path, tag_dir: Path, proc: Path = PROC) -> None:
+    def __init__(
+        self,
+        *,
+        listen: Path,
+        upstream: Path,
+        tag_dir: Path,
+        proc: Path = PROC,
+        max_per_uid: int = MAX_CONNECTIONS_PER_UID,
+    ) -> None:
         self.listen = listen
+        self._max_per_uid = max_per_uid
+        self._per_uid: Counter[int] = Counter()
+        self.refused = 0  # connections refused for their uid's limit
         self._upstream = upstream
         self._tag_dir = tag_dir
         self._proc = proc
@@ -98,6 +113,28 @@ class PeerFront:
             log.info("peer front: refused a connection: %s", exc)
             writer.close()
             return
+        if self._per_uid[peer.uid] >= self._max_per_uid:
+            self.refused += 1
+            log.warning(
+                "peer front: refused a connection of pid %d: uid %d already holds %d "
+                "(agent.max_connections_per_uid)",
+                peer.pid,
+                peer.uid,
+                self._max_per_uid,
+            )
+            writer.close()
+            return
+        self._per_uid[peer.uid] += 1
+        try:
+            await self._relay_for(peer, reader, writer)
+        finally:
+            self._per_uid[peer.uid] -= 1
+            if not self._per_uid[peer.uid]:
+                del self._per_uid[peer.uid]
+
+    async def _relay_for(
+        self, peer: Peer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         tag = str(self._tag_dir / f"{next(self._ids)}.sock")
         upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:

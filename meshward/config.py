@@ -145,6 +145,12 @@ class X509PopConfig(_Section):
     key_file: Path
 
 
+def _positive(value: int) -> int:
+    if value < 1:
+        raise ValueError("must be 1 or more")
+    return value
+
+
 class AgentConfig(_Section):
     socket: Path | None = None  # default <data_dir>/agent.sock; SPIFFE_ENDPOINT_SOCKET for clients
     health_listen: HostPort = "127.0.0.1:8089"  # /live /ready /metrics; "" turns it off
@@ -155,6 +161,9 @@ class AgentConfig(_Section):
     x509pop: X509PopConfig | None = None
     discover_workload_path: bool = False  # unix:path and unix:sha256 selectors
     workload_size_limit: int = 128 * 1024 * 1024  # bytes hashed at most for unix:sha256
+    # Connections one uid may hold open on the agent socket (each may carry up to 100
+    # streams); more are closed and logged (identity.peer_front.MAX_CONNECTIONS_PER_UID).
+    max_connections_per_uid: Annotated[int, AfterValidator(_positive)] = 256
     k8s: K8sAttestorConfig | None = None  # set (even to {}) to attest pods through the kubelet
     # SDS validation contexts as plain trusted_ca instead of Envoy's SPIFFE validator
     # (an Envoy can also ask for that in its node metadata, as with SPIRE).

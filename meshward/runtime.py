@@ -366,6 +366,7 @@ def _local_agent(
         offload=handshake_offload(config),
         extension_configs=native,
         no_extension_configs=NO_POLICIES,
+        max_connections_per_uid=config.agent.max_connections_per_uid,
     )
     return endpoints, agent
 
@@ -541,6 +542,7 @@ async def _serve_agent(
         offload=offload,
         extension_configs=native,
         no_extension_configs=NO_POLICIES,
+        max_connections_per_uid=config.agent.max_connections_per_uid,
     )
     await agent.sync()
     await endpoints.start(sock)

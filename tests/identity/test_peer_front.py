@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import tempfile
@@ -19,7 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from identity.peer_front import PeerFront
+from identity.peer_front import MAX_CONNECTIONS_PER_UID, PeerFront
 from identity.peers import Peer, process_start_time
 
 METHOD = "/meshward.test.Who/Am"
@@ -38,13 +39,15 @@ sys.stdin.readline()
 
 
 class Stack:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, max_per_uid: int = MAX_CONNECTIONS_PER_UID) -> None:
         private = root / "private"
         private.mkdir(mode=0o700)
         self.inner = private / "grpc.sock"
         self.listen = root / "agent.sock"
         self.tag_dir = private / "peers"
-        self.front = PeerFront(listen=self.listen, upstream=self.inner, tag_dir=self.tag_dir)
+        self.front = PeerFront(
+            listen=self.listen, upstream=self.inner, tag_dir=self.tag_dir, max_per_uid=max_per_uid
+        )
         self.server = grpc.server(ThreadPoolExecutor(4))
         self.server.add_generic_rpc_handlers(
             [
@@ -145,3 +148,32 @@ def test_socket_modes_and_cleanup(stack: Stack) -> None:
         time.sleep(0.02)
     assert stack.front.connections == 0
     assert list(stack.tag_dir.iterdir()) == []
+
+
+def test_a_uid_holds_at_most_its_limit_of_connections() -> None:
+    root = Path(tempfile.mkdtemp(prefix="meshward-front-"))
+    root.chmod(0o755)
+    stack = Stack(root, max_per_uid=3)
+    held: list[socket.socket] = []
+    try:
+        for _ in range(3):
+            held.append(socket.socket(socket.AF_UNIX))
+            held[-1].connect(str(stack.listen))
+        deadline = time.monotonic() + 10
+        while stack.front.connections < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert stack.front.connections == 3
+        # The fourth is closed at once: a call over it fails, nothing is relayed.
+        with pytest.raises(grpc.RpcError):
+            stack.call(stack.listen)
+        assert stack.front.refused == 1
+        # One closed, one more may come: the limit is on connections held, not made.
+        held.pop().close()
+        while stack.front.connections > 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert stack.call(stack.listen) is not None
+    finally:
+        for s in held:
+            s.close()
+        stack.close()
+        shutil.rmtree(root)
