@@ -127,6 +127,8 @@ class Stack:
             attestors=[UnixAttestor()],
             source=self.cache,
             sign_jwt=self.agent.sign_jwt_svid,
+            # The bench's N workloads are one uid's N connections.
+            max_connections_per_uid=1_000_000,
         )
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
