@@ -113,23 +113,11 @@ def test_an_x509pop_certificate_of_another_version_is_an_input_error() -> None:
     # The same cryptography exception as for CSRs, on a chain an attesting agent sends
     # before it is authenticated.
     import base64
-    import datetime as dt
 
     from identity.node_api import _certs
+    from tests.authz.svids import Authority
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([])
-    der = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
-        .not_valid_after(dt.datetime(2027, 1, 1, tzinfo=dt.UTC))
-        .sign(key, hashes.SHA256())
-        .public_bytes(serialization.Encoding.DER)
-    )
+    der = Authority().certificate.public_bytes(serialization.Encoding.DER)
     at = der.index(b"\xa0\x03\x02\x01\x02")  # [0] EXPLICIT version v3
     der = der[:at] + b"\xa0\x03\x02\x01\x05" + der[at + 5 :]
     pem = (
