@@ -37,7 +37,6 @@ os.environ.setdefault("RUST_LIB_BACKTRACE", "0")
 import regorus  # after the backtrace setting, which anyhow reads once
 
 __all__ = [
-    "ENGINE_NAME",
     "EngineError",
     "Extension",
     "Program",
@@ -45,11 +44,9 @@ __all__ = [
     "builtin_arity",
     "builtin_names",
     "describe",
-    "engine_version",
     "message",
 ]
 
-ENGINE_NAME = "regorus"
 _UNDEFINED_JSON = '"<undefined>"'
 _ENGINES_PER_THREAD = 4  # a version's enforced and full programs, and the previous ones
 
@@ -174,12 +171,6 @@ def message(exc: BaseException) -> str:
     """regorus's message as ``file:line: error``."""
     file, line, what = describe(str(exc))
     return f"{file}:{line}: {what}" if file is not None else what
-
-
-def engine_version() -> str:
-    """The regorus version the package was built from."""
-    info = _runtime()
-    return str(info.get("regorus-version", "unknown"))
 
 
 def builtin_names() -> frozenset[str]:
