@@ -35,18 +35,35 @@ def list_files(directory: Path, wanted: Callable[[Path], bool]) -> list[Path]:
     )
 
 
-def read_files(paths: Iterable[Path], issues: list[PolicyIssue]) -> list[tuple[Path, bytes]]:
-    """Each file's bytes, read once; an unreadable file becomes an issue.
+# authz.max_policy_file_bytes: a policy or data file the loaders will read at most.
+MAX_POLICY_FILE_BYTES = 8 * 1024 * 1024
+
+
+def read_files(
+    paths: Iterable[Path], issues: list[PolicyIssue], *, max_bytes: int = MAX_POLICY_FILE_BYTES
+) -> list[tuple[Path, bytes]]:
+    """Each file's bytes, read once; an unreadable or larger file becomes an issue.
 
     A file removed since it was listed is left out: it is not part of the set, and the
-    next change check sees it gone.
+    next change check sees it gone. At most ``max_bytes + 1`` bytes are read of a file,
+    so one that grows while it is read is still refused, not read whole.
     """
     out: list[tuple[Path, bytes]] = []
     for path in paths:
         try:
-            out.append((path, path.read_bytes()))
+            with path.open("rb") as file:
+                raw = file.read(max_bytes + 1)
         except FileNotFoundError:
             continue
         except OSError as exc:
             issues.append(PolicyIssue(str(path), 0, "", f"cannot be read: {exc}"))
+            continue
+        if len(raw) > max_bytes:
+            message = (
+                f"is larger than {max_bytes} bytes (authz.max_policy_file_bytes); split it "
+                "into several files or raise the limit"
+            )
+            issues.append(PolicyIssue(str(path), 0, "", message))
+            continue
+        out.append((path, raw))
     return out

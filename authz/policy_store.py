@@ -23,7 +23,7 @@ from pathlib import Path
 from authz.errors import PolicyIssue, PolicyLoadError
 from authz.istio_loader import load_policy_sources
 from authz.istio_policy import PolicySet
-from authz.policy_files import is_istio_file, list_files, read_files
+from authz.policy_files import MAX_POLICY_FILE_BYTES, is_istio_file, list_files, read_files
 from authz.rego_engine import (
     DEFAULT_DECISION_PATH,
     RegoEngine,
@@ -57,8 +57,10 @@ class PolicyStore:
         rego_decision: str = DEFAULT_DECISION_PATH,
         rego_dry_run_packages: Iterable[str] = (),
         on_reload: Callable[[bool], None] | None = None,
+        max_file_bytes: int = MAX_POLICY_FILE_BYTES,
     ) -> None:
         self.directory = directory
+        self._max_file_bytes = max_file_bytes
         self._trust_domain = trust_domain
         self._aliases = trust_domain_aliases
         self._root_namespace = root_namespace
@@ -84,8 +86,9 @@ class PolicyStore:
         # bytes, so a file rewritten during the reload cannot be served under the
         # version of other contents.
         issues: list[PolicyIssue] = []
-        istio_sources = read_files(self._istio_files(), issues)
-        rego_sources = read_files(self._rego_files(), issues)
+        limit = self._max_file_bytes
+        istio_sources = read_files(self._istio_files(), issues, max_bytes=limit)
+        rego_sources = read_files(self._rego_files(), issues, max_bytes=limit)
         istio = PolicySet(policies=(), root_namespace=self._root_namespace)
         try:
             istio = load_policy_sources(

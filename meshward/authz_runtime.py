@@ -70,6 +70,7 @@ def policy_store(
         rego_decision=rego.decision,
         rego_dry_run_packages=tuple(rego.dry_run_packages),
         on_reload=on_reload,
+        max_file_bytes=config.authz.max_policy_file_bytes,
     )
 
 

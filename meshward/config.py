@@ -299,6 +299,9 @@ class AuthzConfig(_Section):
     trust_domain_aliases: list[str] = []  # principals in these trust domains match ours
     explain_denials: bool = False  # name the deciding policy in the 403 body
     reload_interval: Duration = timedelta(seconds=1)
+    # A policy or data file larger than this is a load problem (the last good set keeps
+    # serving); authz.policy_files.MAX_POLICY_FILE_BYTES, not imported (see max_body_bytes).
+    max_policy_file_bytes: Annotated[int, AfterValidator(_positive)] = 8 * 1024 * 1024
     tls: AuthzTLSConfig | None = None  # mTLS on the gRPC listener with the process's own SVID
     rego: AuthzRegoConfig = AuthzRegoConfig()  # policies/rego/: the Rego engine
     # `meshward up` runs this many authz processes (a Check is CPU-bound Python: one core

@@ -139,3 +139,20 @@ def test_decision_path_and_dry_run_packages_reach_the_engine(tmp_path: Path) -> 
     assert rego is not None
     assert rego.decision == "data.mesh.gate.decision"
     assert rego.dry_run_packages == frozenset({"mesh.staged"})
+
+
+def test_a_file_past_the_size_limit_is_a_problem_and_the_last_good_set_serves(
+    tmp_path: Path,
+) -> None:
+    write(tmp_path, {"istio/a.yaml": ALLOW, "rego/envoy/authz/policy.rego": MODULE})
+    limit = max(len(ALLOW), len(MODULE))
+    store = loaded(tmp_path, max_file_bytes=limit)  # every file at or under it: served
+    first = store.current
+    assert first is not None
+    write(tmp_path, {"rego/roles/data.json": '{"r": "' + "x" * limit + '"}'})
+    assert store.changed()
+    assert not store.reload()
+    assert store.current is first
+    [issue] = store.issues
+    assert issue.file == str(tmp_path / "rego" / "roles" / "data.json")
+    assert f"is larger than {limit} bytes (authz.max_policy_file_bytes)" in issue.message
