@@ -71,10 +71,22 @@ class DemoSettings:
     authz_mode: AuthzMode = AuthzMode.HYBRID
 
 
+_handed_out: set[int] = set()
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now and not handed out before in this process.
+
+    The kernel may give a port it just gave again once its socket is closed: the demo's
+    authz health and audit listeners once got the same one, and authz could not start.
+    """
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def _say(text: str) -> None:
