@@ -24,17 +24,17 @@ from typing import Any, Final
 from authz import rego_crypto, rego_jwt
 from authz.errors import PolicyIssue
 from authz.rego_jwt import BuiltinError
-from authz.rego_scan import ModuleScan, rename_calls
+from authz.rego_scan import ModuleScan
 from authz.regorus_binding import Extension, builtin_arity, builtin_names
 
 __all__ = [
     "ADDED_BUILTINS",
+    "ADDED_CALL_RENAMES",
     "BUILTINS_FILE",
     "BUILTINS_MODULE",
     "EXTENSIONS",
     "call_problems",
     "supported_builtins",
-    "with_added_builtins",
 ]
 
 _ADDED: dict[str, Callable[..., Any]] = {
@@ -91,14 +91,10 @@ def _module() -> str:
 
 
 BUILTINS_MODULE: Final[str] = _module()
-_RENAMES: Final[Mapping[str, str]] = {
+# Calls of the added built-ins, as the modules are given to the engine: their wrappers.
+ADDED_CALL_RENAMES: Final[Mapping[str, str]] = {
     name: f"data.{_PACKAGE}.{_wrapper_name(name)}" for name in ADDED_BUILTINS
 }
-
-
-def with_added_builtins(text: str) -> str:
-    """``text`` with its calls of added built-ins renamed to their wrappers."""
-    return rename_calls(text, _RENAMES)
 
 
 # Built-ins regorus has that a policy may not call.
@@ -126,9 +122,8 @@ _REMOVED_IN_V1: Final[Mapping[str, str]] = {
 
 def supported_builtins() -> dict[str, int | None]:
     """Every built-in a policy may call, with its argument count where known."""
-    names = (builtin_names() - _REFUSED.keys() - {n for n in builtin_names() if "__" in n}) | set(
-        ADDED_BUILTINS
-    )
+    internal = {name for name in builtin_names() if "__" in name}  # set operators
+    names = (builtin_names() - _REFUSED.keys() - internal) | ADDED_BUILTINS.keys()
     return {name: _arity(name) for name in sorted(names)}
 
 

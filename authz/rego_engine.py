@@ -57,11 +57,11 @@ from authz.errors import PolicyIssue, PolicyLoadError
 from authz.policy_files import list_files, read_files
 from authz.rego_annotations import annotated_dry_run_packages
 from authz.rego_builtins import (
+    ADDED_CALL_RENAMES,
     BUILTINS_FILE,
     BUILTINS_MODULE,
     EXTENSIONS,
     call_problems,
-    with_added_builtins,
 )
 from authz.rego_data import (
     DATA_FILE_NAMES,
@@ -72,7 +72,7 @@ from authz.rego_data import (
     rule_data_conflicts,
 )
 from authz.rego_paths import DEFAULT_DECISION_PATH, parse_decision_path, parse_package_name
-from authz.rego_scan import V0_MESSAGE, ModuleScan, RegoModule, expand_data_aliases, scan
+from authz.rego_scan import V0_MESSAGE, ModuleScan, RegoModule, rewrite_refs, scan
 from authz.regorus_binding import EngineError, Program, QueryResult
 
 __all__ = [
@@ -267,18 +267,26 @@ def _compile(
 
     entrypoint = "/".join(decision)
     data_json = json.dumps(data)
-    bundle = _build(modules, data_json)
+    # What the engine is given: each module rewritten once, for both programs.
+    given = [
+        RegoModule(
+            m.file,
+            rewrite_refs(m.text, aliases=scans[m.file].data_imports, renames=ADDED_CALL_RENAMES),
+        )
+        for m in modules
+    ]
+    program = _build(given, data_json)
     enforced: Program | None = None
     if dry_run and ".".join(package) not in dry_run:
         staged = {file for file, found in scans.items() if ".".join(found.package) in dry_run}
-        enforced = _build([m for m in modules if m.file not in staged], data_json)
+        enforced = _build([m for m in given if m.file not in staged], data_json)
     digest = hashlib.sha256(entrypoint.encode())
     for module in modules:
         digest.update(b"\0" + module.file.encode() + b"\0" + module.text.encode())
     digest.update(b"\0" + json.dumps(data, sort_keys=True).encode())
     digest.update(b"\0" + json.dumps(sorted(configured_dry_run)).encode())
     return RegoEngine(
-        bundle,
+        program,
         enforced=enforced,
         decision=decision,
         package=package,
@@ -311,9 +319,9 @@ def _issue(error: EngineError, origin: str) -> PolicyIssue:
 
 
 def _build(modules: Sequence[RegoModule], data_json: str) -> Program:
+    """``modules`` as rewritten for the engine, with the added built-ins' wrappers."""
     program = Program(
-        [(m.file, with_added_builtins(expand_data_aliases(m.text))) for m in modules]
-        + [(BUILTINS_FILE, BUILTINS_MODULE)],
+        [(m.file, m.text) for m in modules] + [(BUILTINS_FILE, BUILTINS_MODULE)],
         data_json,
         EXTENSIONS,
     )

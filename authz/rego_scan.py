@@ -3,7 +3,7 @@
 The package, the imports, the rule heads, the calls and the METADATA blocks come from
 a token scan (regorus's AST is not part of what its Python binding promises). Only
 modules the engine has already parsed are scanned, so the scan can assume the text is
-well-formed Rego. ``rename_calls`` uses the same tokens to point calls elsewhere.
+well-formed Rego. ``rewrite_refs`` uses the same tokens to rewrite references.
 """
 
 from __future__ import annotations
@@ -302,22 +302,44 @@ def _call_names(tokens: Sequence[_Token], heads: set[int]) -> Iterator[tuple[int
             yield i, j, ".".join(name)
 
 
-def rename_calls(text: str, renames: Mapping[str, str]) -> str:
-    """``text`` with each call of a name in ``renames`` calling the new name instead.
+def rewrite_refs(
+    text: str, *, aliases: Mapping[str, tuple[str, ...]], renames: Mapping[str, str]
+) -> str:
+    """``text`` as the engine is given it, every line keeping its number.
 
-    Newlines inside a renamed reference are kept, so every line keeps its number.
+    - ``alias.x`` of an ``import data.…`` (``aliases``, from the module's scan) is written
+      as its full path. regorus reads ``alias.x`` by evaluating the whole aliased
+      package, which it takes for a cycle when that package is the one being decided
+      (``envoy.authz`` importing a staged package that imports ``data.envoy.authz``
+      back); OPA reads only ``x``, and so does the full path in both.
+    - A call of a name in ``renames`` calls the new name instead; a call through an
+      import alias is a call into data, not of the built-in, and is left alone.
     """
     tokens, _ = _tokenize(text)
-    heads = set(_statement_starts(tokens))
+    edits: list[tuple[int, int, str]] = []
+    for i, j, name in _call_names(tokens, set(_statement_starts(tokens))):
+        if name in renames and name.split(".", 1)[0] not in aliases:
+            # A call's name never spans lines (newlines are tokens), nor does its rewrite.
+            edits.append((tokens[i].offset, tokens[j].offset, renames[name]))
+    for i, token in enumerate(tokens[:-1]):
+        if token.kind != "ident" or token.text not in aliases:
+            continue
+        if (i > 0 and tokens[i - 1].text == ".") or tokens[i + 1].text not in (".", "["):
+            continue
+        path = "data" + "".join(
+            f".{part}" if _IDENTIFIER.fullmatch(part) else f"[{json.dumps(part)}]"
+            for part in aliases[token.text]
+        )
+        edits.append((token.offset, token.offset + len(token.text), path))
     out: list[str] = []
     done = 0
-    for i, j, name in _call_names(tokens, heads):
-        if name not in renames:
-            continue
-        start, end = tokens[i].offset, tokens[j].offset
-        out += [text[done:start], renames[name], "\n" * text.count("\n", start, end)]
+    for start, end, replacement in sorted(edits):
+        out += [text[done:start], replacement]
         done = end
     return "".join(out) + text[done:]
+
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _argument_count(tokens: Sequence[_Token], opening: int) -> int:
@@ -354,34 +376,3 @@ def _annotations(
         target = next((t for t in tokens if t.kind != "nl" and t.line > end), None)
         on_package = target is not None and target.text == "package"
         yield Annotation(line, on_package, textwrap.dedent("\n".join(body)))
-
-
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def expand_data_aliases(text: str) -> str:
-    """``text`` with each ``alias.x`` of an ``import data.…`` written as its full path.
-
-    regorus reads ``alias.x`` by evaluating the whole aliased package, which it takes
-    for a cycle when that package is the one being decided (``envoy.authz`` importing
-    a staged package that imports ``data.envoy.authz`` back); OPA reads only ``x``.
-    The full path reads only ``x`` in both.
-    """
-    aliases = scan(text).data_imports
-    if not aliases:
-        return text
-    tokens, _ = _tokenize(text)
-    out: list[str] = []
-    done = 0
-    for i, token in enumerate(tokens[:-1]):
-        if token.kind != "ident" or token.text not in aliases:
-            continue
-        if (i > 0 and tokens[i - 1].text == ".") or tokens[i + 1].text not in (".", "["):
-            continue
-        path = "data" + "".join(
-            f".{part}" if _IDENTIFIER.fullmatch(part) else f"[{json.dumps(part)}]"
-            for part in aliases[token.text]
-        )
-        out += [text[done : token.offset], path]
-        done = token.offset + len(token.text)
-    return "".join(out) + text[done:]

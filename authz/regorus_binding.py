@@ -56,8 +56,7 @@ class EngineError(Exception):
 
     def __init__(self, text: str) -> None:
         self.file, self.line, self.detail = describe(text)
-        where = f"{self.file}:{self.line}: " if self.file is not None else ""
-        super().__init__(where + self.detail)
+        super().__init__(_located(self.file, self.line, self.detail))
 
 
 @dataclass(slots=True, frozen=True)
@@ -169,7 +168,10 @@ def describe(text: str) -> tuple[str | None, int | None, str]:
 
 def message(exc: BaseException) -> str:
     """regorus's message as ``file:line: error``."""
-    file, line, what = describe(str(exc))
+    return _located(*describe(str(exc)))
+
+
+def _located(file: str | None, line: int | None, what: str) -> str:
     return f"{file}:{line}: {what}" if file is not None else what
 
 

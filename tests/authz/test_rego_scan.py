@@ -1,10 +1,10 @@
-"""What a Rego module reads of the request, from its tokens (replay's input)."""
+"""What a Rego module reads of the request (replay's input), and how it is rewritten for the engine."""
 
 from __future__ import annotations
 
 import pytest
 
-from authz.rego_scan import RequestReads, request_reads
+from authz.rego_scan import RequestReads, request_reads, rewrite_refs, scan
 
 HTTP = "input.attributes.request.http"
 
@@ -34,3 +34,23 @@ HTTP = "input.attributes.request.http"
 )
 def test_request_reads(module: str, reads: RequestReads) -> None:
     assert request_reads("package envoy.authz\n\n" + module + "\n") == reads
+
+
+def test_rewrite_refs_expands_aliases_and_renames_calls_on_their_lines() -> None:
+    text = (
+        "package p\n\nimport data.lib.crypto\nimport data.envoy.authz as z\n\n"
+        "a := io.jwt.decode(input.t)\n"
+        'b := crypto.sha256("x")\n'  # through the alias: a call into data, left alone
+        'c := z.http_request["m"]\n'
+    )
+    rewritten = rewrite_refs(
+        text,
+        aliases=scan(text).data_imports,
+        renames={"io.jwt.decode": "data.w.decode", "crypto.sha256": "data.w.sha"},
+    )
+    assert rewritten == (
+        "package p\n\nimport data.lib.crypto\nimport data.envoy.authz as z\n\n"
+        "a := data.w.decode(input.t)\n"
+        'b := data.lib.crypto.sha256("x")\n'
+        'c := data.envoy.authz.http_request["m"]\n'
+    )
