@@ -73,7 +73,7 @@ from authz.rego_data import (
 )
 from authz.rego_paths import DEFAULT_DECISION_PATH, parse_decision_path, parse_package_name
 from authz.rego_scan import V0_MESSAGE, ModuleScan, RegoModule, rewrite_refs, scan
-from authz.regorus_binding import EngineError, Program, QueryResult
+from authz.regorus_binding import EngineError, Program, QueryResult, query
 
 __all__ = [
     "DATA_FILE_NAMES",
@@ -485,14 +485,18 @@ class RegoEngine:
     def _query(
         self, program: Program, input_document: Mapping[str, Any], timeout: float | None
     ) -> RegoResult:
+        # This thread's engine, parsed on its first use of the program: not part of the
+        # evaluation that the timeout and the watchdog bound (a large data set takes tens
+        # of milliseconds to load, and the first request after a reload would pay it).
+        engine = program.engine()
         started = self._clock()
         watch = _watch
         if watch is None:
-            answer: QueryResult = program.query(self.decision, input_document)
+            answer: QueryResult = query(engine, self.decision, input_document)
         else:
             watch.started()
             try:
-                answer = program.query(self.decision, input_document)
+                answer = query(engine, self.decision, input_document)
             finally:
                 watch.finished()
         if timeout is not None and self._clock() - started > timeout:

@@ -45,6 +45,7 @@ __all__ = [
     "builtin_names",
     "describe",
     "message",
+    "query",
 ]
 
 _UNDEFINED_JSON = '"<undefined>"'
@@ -130,14 +131,14 @@ class Program:
             raise EngineError(str(exc)) from None
         return engine
 
-    def query(self, rule: str, input_document: Mapping[str, Any]) -> QueryResult:
-        """Evaluate ``rule`` (``data.envoy.authz.allow``) for ``input_document``."""
-        engine = self.engine()
-        try:
-            engine.set_input(input_document)
-        except (TypeError, ValueError, OverflowError, RecursionError, RuntimeError) as exc:
-            return QueryResult("eval_error", detail=f"the input cannot be given to Rego: {exc}")
-        return evaluate(engine, rule)
+
+def query(engine: Any, rule: str, input_document: Mapping[str, Any]) -> QueryResult:
+    """Evaluate ``rule`` (``data.envoy.authz.allow``) on ``engine`` for ``input_document``."""
+    try:
+        engine.set_input(input_document)
+    except (TypeError, ValueError, OverflowError, RecursionError, RuntimeError) as exc:
+        return QueryResult("eval_error", detail=f"the input cannot be given to Rego: {exc}")
+    return evaluate(engine, rule)
 
 
 def evaluate(engine: Any, rule: str) -> QueryResult:

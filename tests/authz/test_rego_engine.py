@@ -21,6 +21,7 @@ from authz.rego_engine import (
     load_rego_policies,
     parse_decision_path,
 )
+from authz.regorus_binding import Program
 
 POLICIES = Path(__file__).parent / "rego_policies"
 WEB = "spiffe://example.org/ns/default/sa/web"
@@ -319,6 +320,23 @@ def test_timeout_discards_a_late_result() -> None:
     assert (result.error, result.value) == ("timeout", None)
     decision = interpret(result)
     assert (decision.allowed, decision.reason, decision.http_status) == (False, "timeout", 403)
+
+
+def test_loading_this_threads_engine_is_not_timed_as_the_evaluation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [0.0]
+    module = RegoModule("p.rego", "package envoy.authz\n\nallow := true\n")
+    engine = compile_rego([module], clock=lambda: now[0])
+    build = Program._build
+
+    def slow_build(program: Program) -> Any:
+        now[0] += 10.0  # a large data set being loaded into this thread's engine
+        return build(program)
+
+    monkeypatch.setattr(Program, "_build", slow_build)
+    result = engine.evaluate({}, timeout=1.0)  # the first evaluation in this thread
+    assert (result.error, result.value) == (None, True)
 
 
 def test_result_within_the_timeout_stands() -> None:
